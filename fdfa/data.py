@@ -1,0 +1,228 @@
+"""Datasets held as uint8 tensors on the training device and batched by indexing.
+
+No per-sample PIL work and no DataLoader workers: a batch is ``x[idx]``, converted to float,
+normalised, and (where configured) augmented or resized as one batched op on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fdfa.errors import FdfaError
+
+# torchvision class name and expected raw files of each dataset name used in conf/dataset/.
+_TORCHVISION = {
+    "mnist": ("MNIST", "MNIST/raw", [
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+    ]),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", [
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+    ]),
+    "cifar10": ("CIFAR10", ".", ["cifar-10-python.tar.gz"]),
+    "cifar100": ("CIFAR100", ".", ["cifar-100-python.tar.gz"]),
+}  # fmt: skip
+
+DOWNLOAD_TIMEOUT_S = 30  # an offline machine must fail fast, not hang on a socket
+
+
+class TensorData:
+    """Train/test images as uint8 ``[N, C, H, W]`` tensors plus int64 labels.
+
+    ``batch_size``/``test_batch_size``: samples per step / per evaluation batch.
+    ``subset``: keep only the first N training samples (None: all).
+    ``mean``/``std``: per-channel normalisation after scaling to [0, 1].
+    ``augment``: ``none`` or ``flip_crop`` (per-sample random flip + random resized crop).
+    """
+
+    name = "tensors"
+
+    def __init__(
+        self,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes: int,
+        batch_size: int = 64,
+        test_batch_size: int = 1000,
+        subset: int | None = None,
+        mean: float | list = 0.5,
+        std: float | list = 0.5,
+        augment: str = "none",
+    ):
+        if batch_size < 1 or test_batch_size < 1:
+            raise FdfaError(
+                f"dataset.batch_size and dataset.test_batch_size must be >= 1, "
+                f"got {batch_size} and {test_batch_size}"
+            )
+        if augment not in ("none", "flip_crop"):
+            raise FdfaError(f"dataset.augment must be 'none' or 'flip_crop', got {augment!r}")
+        if subset is not None:
+            if subset < 2:
+                raise FdfaError(f"dataset.subset must be >= 2 samples or null, got {subset}")
+            train_x, train_y = train_x[:subset], train_y[:subset]
+        self.train_x, self.train_y = train_x, train_y.long()
+        self.test_x, self.test_y = test_x, test_y.long()
+        self.num_classes = int(num_classes)
+        self.batch_size = int(batch_size)
+        self.test_batch_size = int(test_batch_size)
+        self.augment = augment
+        c = train_x.shape[1]
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).expand(c).reshape(1, c, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).expand(c).reshape(1, c, 1, 1)
+        self.resize_to: int | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one sample as the model sees it (after any resize)."""
+        c, h, w = self.train_x.shape[1:]
+        if self.resize_to:
+            return (c, self.resize_to, self.resize_to)
+        return (c, h, w)
+
+    def setup(self, device: torch.device, resize_to: int | None = None) -> TensorData:
+        """Move the tensors to ``device``; resize batches to ``resize_to`` (model input_size)."""
+        self.resize_to = int(resize_to) if resize_to else None
+        for key in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
+            setattr(self, key, getattr(self, key).to(device))
+        return self
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, b = len(self.train_y), self.batch_size
+        return n // b + (1 if n % b > 1 else 0)  # a last batch of 1 would break BatchNorm
+
+    def train_batches(self, generator: torch.Generator | None = None):
+        """One shuffled epoch of (x, y) batches; the last partial batch is kept unless it is 1."""
+        n = len(self.train_y)
+        perm = torch.randperm(n, generator=generator).to(self.train_y.device)
+        for i in range(self.steps_per_epoch):
+            idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.transform(self.train_x[idx], train=True), self.train_y[idx]
+
+    def test_batches(self):
+        for i in range(0, len(self.test_y), self.test_batch_size):
+            sl = slice(i, i + self.test_batch_size)
+            yield self.transform(self.test_x[sl], train=False), self.test_y[sl]
+
+    def transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        x = (x - self.mean) / self.std
+        if train and self.augment == "flip_crop":
+            return random_resized_crop_flip(x, self.resize_to or x.shape[-1])
+        if self.resize_to and x.shape[-1] != self.resize_to:
+            return F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear")
+        return x
+
+
+def random_resized_crop_flip(
+    x: torch.Tensor, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> torch.Tensor:
+    """Per-sample RandomResizedCrop(size) + RandomHorizontalFlip as one batched grid_sample.
+
+    Crop area fraction ~ U(scale), log aspect ratio ~ U(log ratio); a crop larger than the image
+    is clamped to it (torchvision retries instead), placed uniformly; bilinear sampling."""
+    n, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(n, device=dev).uniform_(*scale)
+    log_r = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    r = torch.exp(log_r)
+    cw = torch.sqrt(area * r).clamp(max=1.0)  # crop width / image width
+    ch = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (torch.rand(n, device=dev) * 2 - 1) * (1 - cw)  # centre in [-1, 1] coordinates
+    cy = (torch.rand(n, device=dev) * 2 - 1) * (1 - ch)
+    flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0] = cw * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = ch
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _images_as_uint8_nchw(data) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(data))
+    if t.dim() == 3:  # MNIST: [N, H, W]
+        return t.unsqueeze(1).contiguous()
+    return t.permute(0, 3, 1, 2).contiguous()  # CIFAR: [N, H, W, C]
+
+
+def load_torchvision(name: str, root: str, download: bool = True):
+    """Train and test sets of a torchvision dataset as uint8 NCHW tensors + labels.
+
+    Raises FdfaError with the files to provide when they are absent and cannot be downloaded."""
+    import torchvision
+
+    if name not in _TORCHVISION:
+        raise FdfaError(f"unknown dataset name {name!r}; choose one of {sorted(_TORCHVISION)}")
+    cls_name, folder, files = _TORCHVISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    root_path = Path(root).expanduser()
+    where = (root_path / folder).resolve()
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        train = cls(str(root_path), train=True, download=download)
+        test = cls(str(root_path), train=False, download=download)
+    except Exception as err:  # torchvision raises RuntimeError/URLError/OSError variously
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(":")
+        raise FdfaError(
+            f"{cls_name} not found in {where} and not downloadable ({reason}): put "
+            f"{', '.join(files)} into {where}/, or point dataset.root (env FDFA_DATA_DIR) "
+            "at a folder that has them"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return (
+        _images_as_uint8_nchw(train.data),
+        torch.as_tensor(np.asarray(train.targets)),
+        _images_as_uint8_nchw(test.data),
+        torch.as_tensor(np.asarray(test.targets)),
+        len(train.classes),
+    )
+
+
+class TorchvisionData(TensorData):
+    """MNIST, FashionMNIST, CIFAR-10 or CIFAR-100 from ``root`` (downloaded there if missing)."""
+
+    def __init__(self, name: str, root: str, download: bool = True, **kwargs):
+        self.name = name
+        train_x, train_y, test_x, test_y, num_classes = load_torchvision(name, root, download)
+        super().__init__(train_x, train_y, test_x, test_y, num_classes, **kwargs)
+
+
+class FakeImageData(TensorData):
+    """torchvision's FakeData (random images, random labels) for smoke runs and benchmarks."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        image_shape=(3, 32, 32),
+        num_classes: int = 100,
+        train_size: int = 1024,
+        test_size: int = 256,
+        **kwargs,
+    ):
+        from torchvision.datasets import FakeData
+
+        def make(size, offset):
+            ds = FakeData(size, tuple(image_shape), num_classes, random_offset=offset)
+            xs, ys = zip(*(ds[i] for i in range(size)))
+            x = _images_as_uint8_nchw(np.stack([np.asarray(im) for im in xs]))
+            if len(image_shape) == 3 and image_shape[0] == 1 and x.shape[1] != 1:
+                x = x.permute(0, 2, 3, 1)  # grayscale PIL images come back as [N, H, W]
+            return x, torch.as_tensor(ys)
+
+        train_x, train_y = make(train_size, 0)
+        test_x, test_y = make(test_size, train_size)
+        super().__init__(train_x, train_y, test_x, test_y, num_classes, **kwargs)

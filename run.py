@@ -1,0 +1,43 @@
+"""fdfa's one entry point.
+
+    python run.py                                   # FDFA, FC 2x800, MNIST
+    python run.py algorithm=dfa model=cnn optimizer.lr=3e-4
+    python run.py -m algorithm=bp,dfa,dkp,fdfa seed=0,1
+
+Config lives in conf/; every run writes metrics.jsonl and summary.json into its Hydra run dir.
+"""
+
+import sys
+import warnings
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from fdfa.errors import find_fdfa_error
+from fdfa.train import train
+
+# Forward-mode AD of BatchNorm compiles a decomposition with torch.jit.script, which warns once.
+warnings.filterwarnings(
+    "ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning
+)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    names = {g: hc.runtime.choices.get(g) for g in ("algorithm", "model", "dataset")}
+    try:
+        summary = train(cfg, hc.runtime.output_dir, names)
+    except Exception as err:
+        user_error = find_fdfa_error(err)
+        if user_error is None or hc.mode == RunMode.MULTIRUN:
+            raise  # a bug shows its traceback; a sweeper records the failed job and goes on
+        print(f"error: {user_error}", file=sys.stderr)
+        sys.exit(2)
+    return summary["best/test/acc"]  # what a sweeper maximises
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+warnings.filterwarnings(
+    "ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning
+)
+
+
+@pytest.fixture(autouse=True)
+def _small_threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory):
+    """A writable dataset root whose MNIST/raw links to the read-only shared archives."""
+    src = SHARED_DATA / "MNIST" / "raw"
+    if not src.is_dir():
+        pytest.skip(f"real MNIST not found at {src}")
+    root = tmp_path_factory.mktemp("data")
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.symlink(f, root / "MNIST" / "raw" / f.name)
+        except OSError:
+            shutil.copy(f, root / "MNIST" / "raw" / f.name)
+    return root

@@ -1,0 +1,95 @@
+"""Small things the tests build on: a learnable synthetic dataset, a user-defined model, config
+composition with the Hydra API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from fdfa.data import TensorData
+from fdfa.models import BlockNet
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+class PrototypeData(TensorData):
+    """Learnable synthetic task: each class is a fixed random image; samples add Gaussian noise."""
+
+    name = "prototypes"
+
+    def __init__(
+        self,
+        image_shape=(1, 8, 8),
+        num_classes=4,
+        train_size=256,
+        test_size=128,
+        noise=0.5,
+        seed=0,
+        **kwargs,
+    ):
+        g = torch.Generator().manual_seed(seed)
+        protos = torch.randn(num_classes, *image_shape, generator=g)
+
+        def make(n):
+            y = torch.randint(0, num_classes, (n,), generator=g)
+            return protos[y] + noise * torch.randn(n, *image_shape, generator=g), y
+
+        train_x, train_y = make(train_size)
+        test_x, test_y = make(test_size)
+        kwargs.setdefault("mean", 0.0)
+        kwargs.setdefault("std", 1.0)
+        super().__init__(train_x, train_y, test_x, test_y, num_classes, **kwargs)
+
+
+class TinyUserNet(BlockNet):
+    """A network as a user would plug in with model._target_: one hidden block of 16 tanh units."""
+
+    def __init__(self, input_shape, num_classes, hidden=16):
+        super().__init__(input_shape, num_classes)
+        n_in = 1
+        for s in input_shape:
+            n_in *= s
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.Tanh())]
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+
+def synthetic_overrides(*extra: str) -> list[str]:
+    """Overrides that swap dataset=fake's class for the learnable PrototypeData (same keys)."""
+    return [
+        "dataset=fake",
+        "dataset._target_=tests.helpers.PrototypeData",
+        "dataset.image_shape=[1,8,8]",
+        "dataset.num_classes=4",
+        "dataset.train_size=256",
+        "dataset.test_size=128",
+        "dataset.batch_size=32",
+        "logger=none",
+        *extra,
+    ]
+
+
+def compose_config(overrides: list[str] = ()):  # noqa: B006
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300):
+    """python run.py ARGS in a subprocess; returns CompletedProcess with text output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
