@@ -53,8 +53,13 @@ def evaluate(model: torch.nn.Module, data) -> dict:
 class Run:
     """Everything one training job builds from its config."""
 
-    def __init__(self, cfg: DictConfig, out_dir: str | Path, names: dict | None = None):
+    def __init__(
+        self, cfg: DictConfig, out_dir: str | Path, names: dict | None = None, callbacks=()
+    ):
         self.cfg = cfg
+        # Objects with ``on_evaluation(run, record)``, called after each evaluation is logged; one
+        # may raise to end the run (a sweeper's pruner raises optuna.TrialPruned).
+        self.callbacks = list(callbacks)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
@@ -130,6 +135,8 @@ class Run:
             }
             best = max(best, last["test/acc"])
             self.log(last)
+            for callback in self.callbacks:
+                callback.on_evaluation(self, last)
             log.info(
                 "epoch %d step %d | train/loss %.4f | test/loss %.4f | test/acc %.4f | %.1f s",
                 epoch, step, train_loss, last["test/loss"], last["test/acc"], last["time_s"],
@@ -153,6 +160,6 @@ class Run:
         return summary
 
 
-def train(cfg: DictConfig, out_dir: str | Path, names: dict | None = None) -> dict:
+def train(cfg: DictConfig, out_dir: str | Path, names: dict | None = None, callbacks=()) -> dict:
     """Build everything from ``cfg``, train, write metrics.jsonl and summary.json."""
-    return Run(cfg, out_dir, names).fit()
+    return Run(cfg, out_dir, names, callbacks).fit()
