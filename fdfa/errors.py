@@ -7,6 +7,10 @@ class FdfaError(Exception):
     """A problem the user can fix (missing data, bad option); the message says how."""
 
 
+class DivergedError(FdfaError):
+    """The training loss became NaN or infinite; the run stops at once."""
+
+
 def find_fdfa_error(err: BaseException) -> FdfaError | None:
     """The FdfaError behind ``err``, if any (Hydra wraps errors raised while instantiating)."""
     seen = set()

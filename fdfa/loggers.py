@@ -1,9 +1,10 @@
 """Metric sinks. The run record (metrics.jsonl, summary.json) is written by the trainer itself;
 loggers here are extra destinations chosen with ``logger=...``.
 
-A logger has ``log_metrics(metrics: dict, step: int)`` and ``finish(summary: dict)``; it is built by
-``hydra.utils.instantiate`` with ``out_dir`` (the run dir) and ``run_config`` (the resolved
-config)."""
+A logger has ``log_metrics(metrics: dict, step: int)`` and ``finish(summary: dict)`` (called once,
+also when the run fails: then ``summary["status"]`` is not ``"completed"``). It is built by
+``hydra.utils.instantiate`` with ``out_dir`` (the run dir), ``run_config`` (the resolved config)
+and ``names`` (algorithm, model and dataset names)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 class CSVLogger:
     """metrics.csv in the run dir: one row per evaluation, columns fixed by the first row."""
 
-    def __init__(self, out_dir: str, run_config: dict | None = None, filename: str = "metrics.csv"):
+    def __init__(self, out_dir: str, filename: str = "metrics.csv", **_):
         self.path = Path(out_dir) / filename
         self._fields: list[str] | None = None
 

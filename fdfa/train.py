@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from fdfa.errors import FdfaError
+from fdfa.errors import DivergedError, FdfaError
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +72,20 @@ class Run:
         self.rule = instantiate(cfg.algorithm, model=self.model)
         self.optimizer = instantiate(cfg.optimizer)(self.model.parameters())
         self.scheduler = instantiate(cfg.scheduler)(self.optimizer)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        self.loggers = [
-            instantiate(c, _partial_=True)(out_dir=str(self.out_dir), run_config=resolved)
-            for c in (cfg.get("logger") or {}).values()
-            if c is not None
-        ]
         self.names = {
             "algorithm": type(self.rule).__name__.lower(),
             "model": type(self.model).__name__.lower(),
             "dataset": getattr(self.data, "name", type(self.data).__name__.lower()),
             **(names or {}),
         }
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.loggers = [
+            instantiate(c, _partial_=True)(
+                out_dir=str(self.out_dir), run_config=resolved, names=self.names
+            )
+            for c in (cfg.get("logger") or {}).values()
+            if c is not None
+        ]
 
     def log(self, record: dict) -> None:
         with (self.out_dir / "metrics.jsonl").open("a") as f:
@@ -92,6 +94,22 @@ class Run:
             logger.log_metrics(record, step=record["step"])
 
     def fit(self) -> dict:
+        """Train; write summary.json and finish every logger, also when training fails."""
+        self.summary = {"status": "failed"}
+        try:
+            self._fit()
+            self.summary["status"] = "completed"
+        except DivergedError:
+            self.summary["status"] = "diverged"
+            raise
+        finally:
+            self.summary.update(self.names, seed=self.cfg.seed)
+            (self.out_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+            for logger in self.loggers:
+                logger.finish(self.summary)
+        return self.summary
+
+    def _fit(self) -> None:
         cfg, data, rule, optimizer = self.cfg.trainer, self.data, self.rule, self.optimizer
         max_steps = cfg.max_steps or float("inf")
         step, epoch, best, last = 0, 0, -1.0, {}
@@ -115,6 +133,11 @@ class Run:
             for x, y in batches:
                 optimizer.zero_grad(set_to_none=True)
                 out = rule.train_step(x, y)
+                if not torch.isfinite(out.loss):
+                    raise DivergedError(
+                        f"training diverged: loss is {out.loss.item()} at step {step + 1} "
+                        f"(epoch {epoch}, lr {lr:g}); lower optimizer.lr"
+                    )
                 optimizer.step()
                 loss_sum += out.loss
                 n_steps += 1
@@ -141,8 +164,13 @@ class Run:
                 "epoch %d step %d | train/loss %.4f | test/loss %.4f | test/acc %.4f | %.1f s",
                 epoch, step, train_loss, last["test/loss"], last["test/acc"], last["time_s"],
             )  # fmt: skip
-        summary = {
-            "status": "completed",
+            self.summary.update(
+                self._totals(epoch, step, best, last, start, train_time, train_samples)
+            )
+
+    @staticmethod
+    def _totals(epoch, step, best, last, start, train_time, train_samples) -> dict:
+        return {
             "test/acc": last.get("test/acc"),
             "best/test/acc": best,
             "train/loss": last.get("train/loss"),
@@ -151,13 +179,7 @@ class Run:
             "steps": step,
             "wall_s": time.perf_counter() - start,
             "train/samples_per_s": train_samples / train_time if train_time else None,
-            **self.names,
-            "seed": self.cfg.seed,
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for logger in self.loggers:
-            logger.finish(summary)
-        return summary
 
 
 def train(cfg: DictConfig, out_dir: str | Path, names: dict | None = None, callbacks=()) -> dict:

@@ -16,7 +16,7 @@ GROUPS = {
 
 
 def test_groups_offer_the_documented_options():
-    assert GROUPS["algorithm"] == ["bp", "dfa", "dkp", "fdfa"]
+    assert set(GROUPS["algorithm"]) >= {"bp", "dfa", "dkp", "fdfa"}
     assert set(GROUPS["model"]) >= {"fc", "cnn", "cnn_ref", "alexnet"}
     assert GROUPS["dataset"] == ["cifar10", "cifar100", "fake", "fashion_mnist", "mnist"]
     assert GROUPS["optimizer"] == ["adam", "sgd"]
