@@ -15,8 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fdfa.errors import find_fdfa_error
+from fdfa.errors import FdfaError, find_fdfa_error
 from fdfa.train import train
+from fdfa.validate import preflight
 
 # Forward-mode AD of BatchNorm compiles a decomposition with torch.jit.script, which warns once.
 warnings.filterwarnings(
@@ -40,4 +41,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:
+        preflight(sys.argv[1:])  # unknown group options, an unwritable run dir: one line, exit 2
+    except FdfaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -100,11 +100,15 @@ class TensorData:
         n, b = len(self.train_y), self.batch_size
         return n // b + (1 if n % b > 1 else 0)  # a last batch of 1 would break BatchNorm
 
-    def train_batches(self, generator: torch.Generator | None = None):
-        """One shuffled epoch of (x, y) batches; the last partial batch is kept unless it is 1."""
-        n = len(self.train_y)
-        perm = torch.randperm(n, generator=generator).to(self.train_y.device)
-        for i in range(self.steps_per_epoch):
+    def epoch_permutation(self) -> torch.Tensor:
+        """A fresh shuffle of the training set (CPU tensor, from torch's global RNG)."""
+        return torch.randperm(len(self.train_y))
+
+    def train_batches(self, perm: torch.Tensor | None = None, start: int = 0):
+        """(x, y) batches of one epoch in the order ``perm``, from batch index ``start`` on (for a
+        resumed epoch). The last partial batch is kept unless it has a single sample."""
+        perm = (self.epoch_permutation() if perm is None else perm).to(self.train_y.device)
+        for i in range(start, self.steps_per_epoch):
             idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.transform(self.train_x[idx], train=True), self.train_y[idx]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 class CSVLogger:
-    """metrics.csv in the run dir: one row per evaluation, columns fixed by the first row."""
+    """metrics.csv in the run dir: one row per record, columns fixed by the first row. The file is
+    rewritten from the first record on (a resumed run replays its records)."""
 
     def __init__(self, out_dir: str, filename: str = "metrics.csv", **_):
         self.path = Path(out_dir) / filename
@@ -24,7 +25,7 @@ class CSVLogger:
         new = self._fields is None
         if new:
             self._fields = list(row)
-        with self.path.open("a", newline="") as f:
+        with self.path.open("w" if new else "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore")
             if new:
                 writer.writeheader()

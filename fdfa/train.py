@@ -1,4 +1,8 @@
-"""The training loop: data -> model -> rule -> optimizer -> metrics -> loggers, in one place."""
+"""The training loop: data -> model -> rule -> optimizer -> metrics -> loggers, in one place.
+
+A run resumes by itself: when its run dir holds last.ckpt (written at the end of every epoch and
+every ``trainer.ckpt_every_n_steps`` steps), it continues from there, bit for bit on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +20,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from fdfa import checkpoint
 from fdfa.errors import DivergedError, FdfaError
+from fdfa.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +36,8 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise FdfaError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise FdfaError(f"trainer.device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
 
 
@@ -50,18 +55,41 @@ def evaluate(model: torch.nn.Module, data) -> dict:
     return {"test/loss": loss_sum.item() / n, "test/acc": correct.item() / n}
 
 
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs started
+    step: int = 0  # optimizer steps taken
+    best_acc: float = -1.0
+    train_time: float = 0.0  # seconds in training steps (evaluation excluded)
+    wall_time: float = 0.0  # seconds of the whole loop, evaluation included
+    train_samples: int = 0
+    perm: torch.Tensor | None = None  # the current epoch's shuffle; None between epochs
+    batch: int = 0  # batches of the current epoch done
+    loss_sum: float = 0.0  # sum of this epoch's batch losses so far
+
+
 class Run:
     """Everything one training job builds from its config."""
 
     def __init__(
         self, cfg: DictConfig, out_dir: str | Path, names: dict | None = None, callbacks=()
     ):
+        validate_config(cfg)
         self.cfg = cfg
         # Objects with ``on_evaluation(run, record)``, called after each evaluation is logged; one
         # may raise to end the run (a sweeper's pruner raises optuna.TrialPruned).
         self.callbacks = list(callbacks)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.out_dir / "last.ckpt"
+        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        resume_from = self._resume_source()
+        resumed = checkpoint.load(resume_from) if resume_from else None
+        if resumed:
+            self._check_compatible(resumed, resume_from)
+
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.trainer.device)
         self.data = instantiate(cfg.dataset)
@@ -78,107 +106,228 @@ class Run:
             "dataset": getattr(self.data, "name", type(self.data).__name__.lower()),
             **(names or {}),
         }
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.progress = Progress()
+        self.records: list[dict] = []
+        if resumed:
+            self._restore(resumed, resume_from)
+        else:
+            self._write_records()  # a fresh start: no stale records from an earlier run here
+        self.loggers = []  # built when training starts (a finished run starts none)
+        self._clock = (time.perf_counter(), self.progress.wall_time)
+
+    def _start_loggers(self) -> None:
         self.loggers = [
             instantiate(c, _partial_=True)(
-                out_dir=str(self.out_dir), run_config=resolved, names=self.names
+                out_dir=str(self.out_dir), run_config=self.resolved, names=self.names
             )
-            for c in (cfg.get("logger") or {}).values()
+            for c in (self.cfg.get("logger") or {}).values()
             if c is not None
         ]
+        for record in self.records:  # a resumed run replays its history to fresh loggers
+            for logger in self.loggers:
+                logger.log_metrics(record, step=record["step"])
+
+    def wall_time(self) -> float:
+        t0, before = self._clock
+        return before + time.perf_counter() - t0
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _resume_source(self) -> Path | None:
+        choice = self.cfg.trainer.get("resume", "auto")
+        if choice in (None, False, "never"):
+            return None
+        if choice == "auto":
+            return self.ckpt_path if self.ckpt_path.exists() else None
+        path = Path(choice)
+        if not path.is_file():
+            raise FdfaError(f"trainer.resume={choice}: no such checkpoint file")
+        return path
+
+    def _check_compatible(self, ckpt: dict, path: Path) -> None:
+        diffs = checkpoint.config_differences(ckpt["config"], self.resolved)
+        if diffs:
+            raise FdfaError(
+                f"checkpoint {path} belongs to another config ({'; '.join(diffs[:3])}); "
+                "use a new hydra.run.dir, or trainer.resume=never to start over here"
+            )
+
+    def _optimizers(self) -> dict:
+        """The forward optimizer and any optimizer the rule holds (e.g. its feedback's)."""
+        found = {"optimizer": self.optimizer}
+        for name, value in vars(self.rule).items():
+            if isinstance(value, torch.optim.Optimizer):
+                found[f"rule.{name}"] = value
+        return found
+
+    def save_checkpoint(self) -> None:
+        self.progress.wall_time = self.wall_time()
+        state = {
+            "format": checkpoint.FORMAT,
+            "config": self.resolved,
+            "rule": self.rule.state_dict(),  # the model and the rule's feedback tensors
+            "optimizers": {k: opt.state_dict() for k, opt in self._optimizers().items()},
+            "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "progress": asdict(self.progress),
+            "records": self.records,
+        }
+        checkpoint.save_atomic(state, self.ckpt_path)
+
+    def _restore(self, ckpt: dict, path: Path) -> None:
+        try:
+            self.rule.load_state_dict(ckpt["rule"])
+            optimizers = self._optimizers()
+            if set(ckpt["optimizers"]) != set(optimizers):
+                raise ValueError(f"optimizers {sorted(ckpt['optimizers'])} vs {sorted(optimizers)}")
+            for key, opt in optimizers.items():
+                opt.load_state_dict(ckpt["optimizers"][key])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.progress = Progress(**ckpt["progress"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise FdfaError(
+                f"checkpoint {path} does not fit this model and rule ({first}); "
+                "use a new hydra.run.dir, or trainer.resume=never to start over here"
+            ) from None
+        self.records = list(ckpt["records"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        # metrics.jsonl holds exactly the checkpoint's records: later ones will be redone
+        self._write_records()
+        p = self.progress
+        log.info("resuming from %s: epoch %d, step %d", path, p.epoch, p.step)
+
+    def _write_records(self) -> None:
+        lines = "".join(json.dumps(r) + "\n" for r in self.records)
+        tmp = self.out_dir / "metrics.jsonl.tmp"
+        tmp.write_text(lines)
+        tmp.replace(self.out_dir / "metrics.jsonl")
+
+    # ---- training ----------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
+        self.records.append(record)
         with (self.out_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         for logger in self.loggers:
             logger.log_metrics(record, step=record["step"])
 
+    def done(self) -> bool:
+        p, cfg = self.progress, self.cfg.trainer
+        if p.perm is not None:  # an epoch is under way
+            return False
+        return p.epoch >= cfg.epochs or p.step >= (cfg.max_steps or float("inf"))
+
     def fit(self) -> dict:
         """Train; write summary.json and finish every logger, also when training fails."""
-        self.summary = {"status": "failed"}
+        if self.done():
+            log.info("run in %s already finished; nothing to do", self.out_dir)
+            summary = {"status": "completed", **self._totals(), **self.names, "seed": self.cfg.seed}
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            return summary
+        summary = {"status": "failed"}
         try:
+            self._start_loggers()
             self._fit()
-            self.summary["status"] = "completed"
-        except DivergedError:
-            self.summary["status"] = "diverged"
+            summary["status"] = "completed"
+        except BaseException as err:
+            if isinstance(err, DivergedError):
+                summary["status"] = "diverged"
+            elif type(err).__name__ == "TrialPruned":  # optuna's, raised by a sweep's pruner
+                summary["status"] = "pruned"
             raise
         finally:
-            self.summary.update(self.names, seed=self.cfg.seed)
-            (self.out_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+            summary.update(self._totals(), **self.names, seed=self.cfg.seed)
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             for logger in self.loggers:
-                logger.finish(self.summary)
-        return self.summary
+                logger.finish(summary)
+        return summary
 
     def _fit(self) -> None:
-        cfg, data, rule, optimizer = self.cfg.trainer, self.data, self.rule, self.optimizer
-        max_steps = cfg.max_steps or float("inf")
-        step, epoch, best, last = 0, 0, -1.0, {}
-        train_time, train_samples = 0.0, 0
-        start = time.perf_counter()
+        p, data = self.progress, self.data
         log.info(
             "%s | %s | %s: %d train samples, %d steps/epoch, device %s",
             *self.names.values(), len(data.train_y), data.steps_per_epoch, self.device,
         )  # fmt: skip
-        while epoch < cfg.epochs and step < max_steps:
-            epoch += 1
-            self.model.train()
-            lr = optimizer.param_groups[0]["lr"]
-            loss_sum = torch.zeros((), device=self.device)
-            n_steps = 0
-            t_epoch = time.perf_counter()
-            batches = tqdm(
-                data.train_batches(), total=data.steps_per_epoch, desc=f"epoch {epoch}",
-                leave=False, disable=None if cfg.progress else True,
-            )  # fmt: skip
-            for x, y in batches:
-                optimizer.zero_grad(set_to_none=True)
-                out = rule.train_step(x, y)
-                if not torch.isfinite(out.loss):
-                    raise DivergedError(
-                        f"training diverged: loss is {out.loss.item()} at step {step + 1} "
-                        f"(epoch {epoch}, lr {lr:g}); lower optimizer.lr"
-                    )
-                optimizer.step()
-                loss_sum += out.loss
-                n_steps += 1
-                train_samples += len(y)
-                step += 1
-                if step >= max_steps:
-                    break
-            train_loss = loss_sum.item() / max(n_steps, 1)  # one sync per epoch
-            train_time += time.perf_counter() - t_epoch
-            self.scheduler.step()
-            last = {
-                "epoch": epoch,
-                "step": step,
-                "train/loss": train_loss,
-                **evaluate(self.model, data),
-                "lr": lr,
-                "time_s": time.perf_counter() - start,
-            }
-            best = max(best, last["test/acc"])
-            self.log(last)
-            for callback in self.callbacks:
-                callback.on_evaluation(self, last)
-            log.info(
-                "epoch %d step %d | train/loss %.4f | test/loss %.4f | test/acc %.4f | %.1f s",
-                epoch, step, train_loss, last["test/loss"], last["test/acc"], last["time_s"],
-            )  # fmt: skip
-            self.summary.update(
-                self._totals(epoch, step, best, last, start, train_time, train_samples)
-            )
+        while not self.done():
+            if p.perm is None:  # a new epoch
+                p.epoch += 1
+                p.perm, p.batch, p.loss_sum = data.epoch_permutation(), 0, 0.0
+            self._train_epoch()
+            self._end_epoch()
 
-    @staticmethod
-    def _totals(epoch, step, best, last, start, train_time, train_samples) -> dict:
+    def _train_epoch(self) -> None:
+        """The rest of the current epoch (all of it, unless resumed mid-epoch or capped)."""
+        p, cfg, rule, optimizer = self.progress, self.cfg.trainer, self.rule, self.optimizer
+        max_steps = cfg.max_steps or float("inf")
+        ckpt_every = cfg.get("ckpt_every_n_steps") or 0
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=self.device)
+        self.model.train()
+        t0 = time.perf_counter()
+        batches = tqdm(
+            self.data.train_batches(p.perm, start=p.batch), desc=f"epoch {p.epoch}",
+            total=self.data.steps_per_epoch, initial=p.batch, leave=False,
+            disable=None if cfg.progress else True,
+        )  # fmt: skip
+        for x, y in batches:
+            optimizer.zero_grad(set_to_none=True)
+            out = rule.train_step(x, y)
+            if not torch.isfinite(out.loss):
+                raise DivergedError(
+                    f"training diverged: loss is {out.loss.item()} at step {p.step + 1} "
+                    f"(epoch {p.epoch}, lr {lr:g}); lower optimizer.lr"
+                )
+            optimizer.step()
+            loss_sum += out.loss
+            p.batch += 1
+            p.step += 1
+            p.train_samples += len(y)
+            if ckpt_every and p.step % ckpt_every == 0:
+                p.loss_sum += loss_sum.item()
+                loss_sum.zero_()
+                p.train_time += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.save_checkpoint()
+            if p.step >= max_steps:
+                break
+        p.loss_sum += loss_sum.item()  # one sync per epoch
+        p.train_time += time.perf_counter() - t0
+
+    def _end_epoch(self) -> None:
+        p = self.progress
+        record = {
+            "epoch": p.epoch,
+            "step": p.step,
+            "train/loss": p.loss_sum / max(p.batch, 1),
+            **evaluate(self.model, self.data),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time_s": self.wall_time(),
+        }
+        self.scheduler.step()
+        p.perm, p.batch, p.loss_sum = None, 0, 0.0
+        p.best_acc = max(p.best_acc, record["test/acc"])
+        self.log(record)
+        self.save_checkpoint()
+        log.info(
+            "epoch %d step %d | train/loss %.4f | test/loss %.4f | test/acc %.4f | %.1f s",
+            p.epoch, p.step, record["train/loss"], record["test/loss"], record["test/acc"],
+            record["time_s"],
+        )  # fmt: skip
+        for callback in self.callbacks:
+            callback.on_evaluation(self, record)
+
+    def _totals(self) -> dict:
+        p, last = self.progress, (self.records[-1] if self.records else {})
         return {
             "test/acc": last.get("test/acc"),
-            "best/test/acc": best,
+            "best/test/acc": p.best_acc if self.records else None,
             "train/loss": last.get("train/loss"),
             "test/loss": last.get("test/loss"),
-            "epochs": epoch,
-            "steps": step,
-            "wall_s": time.perf_counter() - start,
-            "train/samples_per_s": train_samples / train_time if train_time else None,
+            "epochs": p.epoch,
+            "steps": p.step,
+            "wall_s": p.wall_time,
+            "train/samples_per_s": p.train_samples / p.train_time if p.train_time else None,
         }
 
 

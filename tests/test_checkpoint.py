@@ -1,0 +1,168 @@
+"""Checkpoints, resume and divergence: nothing computed is lost, nothing half-written is loaded."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fdfa import checkpoint
+from fdfa.errors import FdfaError
+from fdfa.rules import FDFA
+from fdfa.train import Run, train
+from tests.helpers import REPO, compose_config, run_cli, synthetic_overrides
+
+
+def records(run_dir):
+    """metrics.jsonl without the wall-clock field (the only thing a resume may change)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in lines]
+
+
+OVERRIDES = synthetic_overrides(
+    "algorithm=fdfa", "trainer.epochs=3", "trainer.ckpt_every_n_steps=3"
+)
+
+
+def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch):
+    train(compose_config(OVERRIDES), tmp_path / "straight")
+
+    calls = {"n": 0}
+    real_step = FDFA.train_step
+
+    def crash_at_step_14(self, x, y):  # after the checkpoint at step 12, mid epoch 2
+        calls["n"] += 1
+        if calls["n"] == 14:
+            raise KeyboardInterrupt
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(FDFA, "train_step", crash_at_step_14)
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_config(OVERRIDES), tmp_path / "resumed")
+    saved = checkpoint.load(tmp_path / "resumed" / "last.ckpt")
+    assert saved["progress"]["step"] == 12 and saved["progress"]["batch"] == 4
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(FDFA, "train_step", real_step)
+
+    summary = train(compose_config(OVERRIDES), tmp_path / "resumed")
+    assert summary["status"] == "completed" and summary["steps"] == 24
+    assert records(tmp_path / "resumed") == records(tmp_path / "straight")
+    a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)["rule"]
+    b = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)["rule"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # weights and feedback, bit for bit
+
+
+def test_sigkill_mid_epoch_then_rerun_finishes_like_an_uninterrupted_run(tmp_path):
+    args = synthetic_overrides(
+        "algorithm=fdfa",
+        "model.width=256",
+        "dataset.train_size=2048",
+        "dataset.image_shape=[1,28,28]",
+        "trainer.epochs=12",
+        "trainer.ckpt_every_n_steps=8",
+        "trainer.device=cpu",
+    )
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={killed}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait for a checkpoint in the second epoch (64 steps/epoch)
+            ckpt = killed / "last.ckpt"
+            if ckpt.exists() and checkpoint.load(ckpt)["progress"]["step"] >= 72:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    at_kill = checkpoint.load(killed / "last.ckpt")["progress"]
+    assert 72 <= at_kill["step"] < 12 * 64, "the run was not killed mid-training"
+    assert not (killed / "summary.json").exists()
+
+    res = run_cli([*args, f"hydra.run.dir={killed}"])
+    assert res.returncode == 0, res.stderr
+    assert "resuming from" in res.stdout + res.stderr
+    train(compose_config(args), tmp_path / "straight")
+    assert records(killed) == records(tmp_path / "straight")
+    assert json.loads((killed / "summary.json").read_text())["steps"] == 12 * 64
+
+
+def test_finished_run_rerun_does_nothing_and_says_so(tmp_path):
+    args = [*synthetic_overrides("trainer.epochs=1"), f"hydra.run.dir={tmp_path}"]
+    assert run_cli(args).returncode == 0
+    before = (tmp_path / "metrics.jsonl").read_text()
+    mtime = (tmp_path / "last.ckpt").stat().st_mtime_ns
+    res = run_cli(args)
+    assert res.returncode == 0 and "already finished; nothing to do" in res.stdout + res.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert (tmp_path / "last.ckpt").stat().st_mtime_ns == mtime
+
+
+def test_more_epochs_continue_a_finished_run(tmp_path):
+    train(compose_config(synthetic_overrides("trainer.epochs=1")), tmp_path)
+    summary = train(compose_config(synthetic_overrides("trainer.epochs=2")), tmp_path)
+    assert summary["epochs"] == 2 and summary["steps"] == 16
+    assert [r["epoch"] for r in records(tmp_path)] == [1, 2]
+
+
+def test_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    train(compose_config(synthetic_overrides("trainer.epochs=1")), tmp_path)
+    good = (tmp_path / "last.ckpt").read_bytes()
+
+    def torn_save(obj, f):
+        f.write(good[: len(good) // 2])  # half a checkpoint, then the process "dies"
+        raise OSError("simulated crash during write")
+
+    monkeypatch.setattr(checkpoint.torch, "save", torn_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        checkpoint.save_atomic({"format": checkpoint.FORMAT}, tmp_path / "last.ckpt")
+    assert (tmp_path / "last.ckpt").read_bytes() == good
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "last.ckpt")["progress"]["epoch"] == 1
+
+
+def test_truncated_checkpoint_is_refused_with_advice(tmp_path):
+    train(compose_config(synthetic_overrides("trainer.epochs=1")), tmp_path)
+    data = (tmp_path / "last.ckpt").read_bytes()
+    (tmp_path / "last.ckpt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(FdfaError, match="corrupt or unreadable.*trainer.resume"):
+        Run(compose_config(synthetic_overrides("trainer.epochs=2")), tmp_path)
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    train(compose_config(synthetic_overrides("trainer.epochs=1")), tmp_path)
+    with pytest.raises(FdfaError, match=r"another config \(optimizer.lr: 0.0001 .* 0.001 now"):
+        Run(compose_config(synthetic_overrides("trainer.epochs=2", "optimizer.lr=1e-3")), tmp_path)
+    fresh = train(
+        compose_config(synthetic_overrides("optimizer.lr=1e-3", "trainer.epochs=1",
+                                           "trainer.resume=never")),
+        tmp_path,
+    )  # fmt: skip
+    assert fresh["steps"] == 8 and len(records(tmp_path)) == 1
+
+
+def test_checkpoint_holds_every_piece_of_state(tmp_path):
+    train(compose_config(synthetic_overrides("algorithm=dkp", "trainer.epochs=1")), tmp_path)
+    ckpt = checkpoint.load(tmp_path / "last.ckpt")
+    assert any(k.startswith("feedback.") for k in ckpt["rule"])
+    assert any(k.startswith("model.") for k in ckpt["rule"])
+    assert set(ckpt["optimizers"]) == {"optimizer", "rule.feedback_optimizer"}
+    assert ckpt["scheduler"]["last_epoch"] == 1
+    assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert len(ckpt["records"]) == 1 and ckpt["progress"]["step"] == 8
+
+
+def test_divergence_stops_at_once_with_a_clear_line(tmp_path):
+    res = run_cli(
+        [*synthetic_overrides("optimizer=sgd", "optimizer.lr=1e12", "algorithm=bp"),
+         f"hydra.run.dir={tmp_path}"]
+    )  # fmt: skip
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged: loss is ")
+    assert "at step" in lines[0] and "lr 1e+12" in lines[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged"
