@@ -8,7 +8,6 @@ Config lives in conf/; every run writes metrics.jsonl and summary.json into its 
 """
 
 import sys
-import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,11 +17,6 @@ from omegaconf import DictConfig
 from fdfa.errors import FdfaError, find_fdfa_error
 from fdfa.train import train
 from fdfa.validate import preflight
-
-# Forward-mode AD of BatchNorm compiles a decomposition with torch.jit.script, which warns once.
-warnings.filterwarnings(
-    "ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning
-)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -1,0 +1,178 @@
+"""Speed and memory of every rule on every network, measured in one process.
+
+    python -m fdfa.bench                          # step times on fc, cnn, alexnet + MNIST epochs
+    python -m fdfa.bench --models fc cnn --steps 50 --epoch-rules bp fdfa --out bench.json
+
+Step times are medians over ``--steps`` steps after ``--warmup`` steps, with rules interleaved
+round by round so that machine noise hits them alike; ratios to BP come from the same process.
+Memory: on CUDA the peak allocated during the steps; everywhere the bytes of state the rule keeps
+(parameters, feedback, optimizer moments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from fdfa.train import train
+from fdfa.validate import CONF_DIR
+
+# (input shape, classes, batch) per network on the benchmark's synthetic data
+SHAPES = {
+    "fc": ((1, 28, 28), 10, 64),  # MNIST FC-2x800, batch 64 (the reference's run)
+    "cnn": ((1, 28, 28), 10, 64),
+    "cnn_ref": ((1, 28, 28), 10, 64),
+    "alexnet": ((3, 224, 224), 100, 16),  # CIFAR-100 resized; batch 16 keeps CPU runs short
+}
+
+
+def algorithms() -> list[str]:
+    names = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
+    return ["bp"] + [n for n in names if n != "bp"]
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _state_bytes(rule, optimizer) -> int:
+    tensors = list(rule.state_dict().values())
+    for opt in [optimizer, getattr(rule, "feedback_optimizer", None)]:
+        if opt is not None:
+            for state in opt.state.values():
+                tensors += [v for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=()):
+    """Median seconds per training step (zero_grad + train_step + optimizer.step) for each rule."""
+    shape, classes, default_batch = SHAPES[model_name]
+    batch = batch or default_batch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=g).to(device)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    built = {}
+    for name in rules:
+        cfg = _compose([f"algorithm={name}", f"model={model_name}", *extra])
+        torch.manual_seed(0)
+        model = instantiate(cfg.model, input_shape=shape, num_classes=classes).to(device)
+        rule = instantiate(cfg.algorithm, model=model)
+        optimizer = instantiate(cfg.optimizer)(model.parameters())
+        built[name] = (rule, optimizer)
+
+    def step(rule, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        rule.train_step(x, y)
+        optimizer.step()
+
+    times = {name: [] for name in rules}
+    peak = {}
+    for name, (rule, optimizer) in built.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            step(rule, optimizer)
+        _sync(device)
+        if device.type == "cuda":
+            peak[name] = torch.cuda.max_memory_allocated(device)
+    for _ in range(steps):  # round-robin: every rule sees the same machine conditions
+        for name, (rule, optimizer) in built.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step(rule, optimizer)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    rows = []
+    bp = statistics.median(times[rules[0]])
+    for name, (rule, optimizer) in built.items():
+        median = statistics.median(times[name])
+        rows.append({
+            "model": model_name, "algorithm": name, "batch": batch,
+            "step_ms": 1e3 * median, "ratio_to_bp": median / bp,
+            "state_mb": _state_bytes(rule, optimizer) / 2**20,
+            "peak_cuda_mb": peak[name] / 2**20 if name in peak else None,
+        })  # fmt: skip
+    return rows
+
+
+def bench_epochs(rules, root, device, epochs=1):
+    """MNIST FC-2 (batch 64): seconds per epoch (train + test, start-up excluded) and accuracy."""
+    rows = []
+    for name in rules:
+        cfg = _compose([f"algorithm={name}", f"dataset.root={root}", f"trainer.epochs={epochs}",
+                        f"trainer.device={device.type}", "logger=none", "trainer.progress=false",
+                        "trainer.resume=never"])  # fmt: skip
+        out = Path("outputs") / "bench" / name
+        summary = train(cfg, out)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows.append({
+            "algorithm": name, "epochs": epochs,
+            "epoch_s": summary["wall_s"] / summary["epochs"],
+            "test_acc": [r["test/acc"] for r in records if "test/acc" in r],
+        })  # fmt: skip
+    return rows
+
+
+def table(rows, keys) -> str:
+    lines = [" | ".join(keys), " | ".join("---" for _ in keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["fc", "cnn", "alexnet"])
+    parser.add_argument("--rules", nargs="+", default=None, help="default: every algorithm")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per rule")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--epoch-rules", nargs="*", default=["bp", "dfa", "dkp", "fdfa"],
+                        help="rules for the MNIST epoch timing (none: skip it)")  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--data-root", default=None, help="MNIST root (default: dataset.root)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    rules = args.rules or algorithms()
+    results = {"device": str(device), "torch": torch.__version__, "steps": [], "epochs": []}
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
+    for model_name in args.models:
+        rows = bench_steps(model_name, rules, args.steps, args.warmup, device)
+        results["steps"] += rows
+        print(f"\n## {model_name} ({device})\n")
+        print(table(rows, ["algorithm", "batch", "step_ms", "ratio_to_bp", "state_mb",
+                           "peak_cuda_mb"]))  # fmt: skip
+    if args.epoch_rules:
+        root = args.data_root or _compose([]).dataset.root
+        results["epochs"] = bench_epochs(args.epoch_rules, root, device, args.epochs)
+        print(f"\n## MNIST FC-2, batch 64, {args.epochs} epoch(s) ({device})\n")
+        print(table(results["epochs"], ["algorithm", "epochs", "epoch_s", "test_acc"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
