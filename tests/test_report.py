@@ -1,0 +1,262 @@
+"""Experiment presets (conf/experiment/) and the offline comparison report (fdfa/report.py)."""
+
+import csv
+import functools
+import json
+import shutil
+import statistics
+
+import matplotlib.image
+import pytest
+from omegaconf import OmegaConf
+
+from fdfa.report import _mean_band, main, make_report
+from fdfa.train import train
+from tests.helpers import CONF, compose_config, run_cli, synthetic_overrides
+
+# preset -> (dataset, model class, model keys, batch size): the reference code's runs
+PRESETS = {
+    "mnist_fc1": ("mnist", "FCNet", {"n_layers": 1, "width": None}, 64),
+    "mnist_fc2": ("mnist", "FCNet", {"n_layers": 2, "width": None}, 64),
+    "mnist_fc3": ("mnist", "FCNet", {"n_layers": 3, "width": None}, 64),
+    "fashion_mnist_fc2": ("fashion_mnist", "FCNet", {"n_layers": 2}, 64),
+    "cifar10_fc2": ("cifar10", "FCNet", {"n_layers": 2}, 64),
+    "mnist_cnn": ("mnist", "ShallowCNN", {"pool": [False, True]}, 64),
+    "mnist_cnn_paper": ("mnist", "ShallowCNN", {"pool": [True, True]}, 64),
+    "cifar10_cnn": ("cifar10", "ShallowCNN", {"pool": [False, True]}, 64),
+    "cifar10_cnn_paper": ("cifar10", "ShallowCNN", {"pool": [True, True]}, 64),
+    "cifar100_alexnet": ("cifar100", "AlexNet", {"input_size": 224, "fc_width": 4096}, 128),
+}
+ALGORITHMS = sorted(p.stem for p in (CONF / "algorithm").glob("*.yaml"))
+STEPS_2 = "trainer.max_steps=2"  # enough for runs whose numbers a test does not read
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@functools.cache
+def without_preset(algorithm):
+    return compose_config([f"algorithm={algorithm}"])
+
+
+def test_every_preset_is_listed_here():
+    assert sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_composes_with_the_reference_hyperparameters(preset):
+    lines = (CONF / "experiment" / f"{preset}.yaml").read_text().splitlines()
+    assert lines[0] == "# @package _global_"  # Hydra reads "# @" lines only before any other
+    assert lines[1].startswith("# python run.py") and f"experiment={preset}" in lines[1]
+    dataset, model_class, model_keys, batch_size = PRESETS[preset]
+    for algorithm in ALGORITHMS:
+        cfg = compose_config([f"experiment={preset}", f"algorithm={algorithm}"])
+        # the rule and its optimizer are the algorithm's own (the reference's for BP to FDFA)
+        assert cfg.algorithm == without_preset(algorithm).algorithm
+        assert cfg.optimizer == without_preset(algorithm).optimizer
+        assert cfg.dataset.name == dataset and cfg.model._target_ == f"fdfa.models.{model_class}"
+        assert {k: cfg.model[k] for k in model_keys} == model_keys
+        assert (cfg.dataset.batch_size, cfg.dataset.test_batch_size) == (batch_size, 1000)
+        assert cfg.dataset.augment == ("flip_crop" if dataset == "cifar100" else "none")
+        assert cfg.trainer.epochs == 100 and cfg.scheduler.gamma == 0.95
+        if algorithm in ("bp", "dfa", "dkp", "fdfa"):
+            assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 1e-4
+    # the command line still wins over the preset
+    cfg = compose_config([f"experiment={preset}", "dataset=fake", "trainer.epochs=2"])
+    assert cfg.dataset._target_ == "fdfa.data.FakeImageData" and cfg.trainer.epochs == 2
+
+
+def test_experiment_multirun_lands_under_one_sweep_dir(tmp_path):
+    res = run_cli(
+        ["-m", "experiment=mnist_fc2", "algorithm=bp,dfa", "seed=0,1"]
+        + synthetic_overrides("trainer.epochs=1", "model.width=16"),
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    (sweep,) = (tmp_path / "multirun" / "mnist_fc2").iterdir()  # one dir for the whole sweep
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == ["0-bp-seed0", "1-bp-seed1", "2-dfa-seed0", "3-dfa-seed1"]
+    for name in runs:
+        summary = json.loads((sweep / name / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["model"] == "fc"
+        assert f"{summary['algorithm']}-seed{summary['seed']}" == name.split("-", 1)[1]
+        assert (sweep / name / "metrics.jsonl").is_file()
+        assert (sweep / name / ".hydra" / "config.yaml").is_file()
+    # the report reads the sweep dir as it is: 2 rows (bp, dfa) of 2 seeds each
+    assert main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    rows = list(csv.DictReader((tmp_path / "report" / "results.csv").open()))
+    assert [(r["algorithm"], r["n_runs"], r["seeds"]) for r in rows] == [
+        ("bp", "2", "0 1"),
+        ("dfa", "2", "0 1"),
+    ]
+
+
+# ---- the report on runs trained here ---------------------------------------------------------
+
+ALIGN_STEPS = [4, 12, 20]  # steps of the alignment records added to the fdfa runs
+
+
+def train_run(out_dir, algorithm, seed, *extra):
+    """A real training run on the synthetic task, with the files a Hydra run has."""
+    cfg = compose_config(
+        synthetic_overrides(
+            f"algorithm={algorithm}", f"seed={seed}", "trainer.epochs=3", "model.width=32", *extra
+        )
+    )
+    train(cfg, out_dir, names={"algorithm": algorithm, "model": "fc", "dataset": "synthetic"})
+    (out_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, out_dir / ".hydra" / "config.yaml")
+    return out_dir
+
+
+def add_alignment_records(run_dir, seed):
+    """Per-step records as the alignment metrics write them (values differ per seed and step)."""
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        for i, step in enumerate(ALIGN_STEPS):
+            cos = {"fc1": 0.1 * (i + 1) + 0.01 * seed, "fc2": 0.2 * (i + 1) - 0.02 * seed}
+            record = {"step": step, "align/mean_cos": (cos["fc1"] + cos["fc2"]) / 2}
+            for layer, c in cos.items():
+                record[f"align/{layer}/cos"] = c
+                record[f"feedback/{layer}/cos"] = c / 2
+                record[f"estimator/{layer}/rel_mse"] = 10.0 / (step + seed)
+            f.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """bp and fdfa x seeds 0, 1 (fdfa in a 'sweep' dir, bp made one by one), plus bad runs."""
+    root = tmp_path_factory.mktemp("runs")
+    for seed in (0, 1):
+        train_run(root / "sweep" / f"fdfa-{seed}", "fdfa", seed)
+        add_alignment_records(root / "sweep" / f"fdfa-{seed}", seed)
+        train_run(root / "single" / f"bp-{seed}", "bp", seed)
+    diverged = root / "sweep" / "fdfa-diverged"
+    shutil.copytree(root / "sweep" / "fdfa-0", diverged)
+    summary = json.loads((diverged / "summary.json").read_text())
+    (diverged / "summary.json").write_text(json.dumps({**summary, "status": "diverged"}))
+    (root / "sweep" / "crashed" / ".hydra").mkdir(parents=True)  # died before training
+    no_metrics = root / "single" / "no-metrics"
+    shutil.copytree(root / "single" / "bp-0", no_metrics)
+    (no_metrics / "metrics.jsonl").unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return make_report([runs / "sweep", runs / "single"], out), out
+
+
+def summaries(run_dirs):
+    return [json.loads((d / "summary.json").read_text()) for d in run_dirs]
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+
+
+def test_table_numbers_match_the_runs_files(runs, report):
+    _, out = report
+    table = {r["algorithm"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert sorted(table) == ["bp", "fdfa"]
+    md = (out / "results.md").read_text()
+    for algorithm, parent in (("bp", "single"), ("fdfa", "sweep")):
+        dirs = [runs / parent / f"{algorithm}-{seed}" for seed in (0, 1)]
+        row, runs_summaries = table[algorithm], summaries(dirs)
+        assert (row["dataset"], row["model"], row["n_runs"], row["seeds"]) == (
+            "synthetic",
+            "fc",
+            "2",
+            "0 1",
+        )
+        for column, key in (("best_test_acc", "best/test/acc"), ("final_test_acc", "test/acc")):
+            values = [s[key] for s in runs_summaries]
+            mean, std = statistics.fmean(values), statistics.stdev(values)
+            assert float(row[f"{column}_mean"]) == pytest.approx(mean, rel=1e-12)
+            assert float(row[f"{column}_std"]) == pytest.approx(std, rel=1e-12)
+            assert f"{100 * mean:.2f} ± {100 * std:.2f}" in md
+        assert row["epochs"] == "3"
+        # s / epoch: the last evaluation's time_s over its epoch (3), mean over seeds
+        last_evals = [[r for r in records(d) if "test/acc" in r][-1] for d in dirs]
+        per_epoch = statistics.fmean(r["time_s"] / r["epoch"] for r in last_evals)
+        assert float(row["time_per_epoch_s"]) == pytest.approx(per_epoch, rel=1e-12)
+    # at least one accuracy differs between the seeds, so the std above was a real check
+    assert any(float(table[a]["final_test_acc_std"]) > 0 for a in table)
+    # align cos: the last align/mean_cos of each run, mean over seeds; bp logged none
+    last = [[r for r in records(runs / "sweep" / f"fdfa-{s}") if "align/mean_cos" in r][-1]
+            for s in (0, 1)]  # fmt: skip
+    expected = statistics.fmean(r["align/mean_cos"] for r in last)
+    assert float(table["fdfa"]["align_mean_cos"]) == pytest.approx(expected, rel=1e-12)
+    assert table["bp"]["align_mean_cos"] == ""
+
+
+def test_plots_are_valid_pngs(report):
+    result, out = report
+    names = sorted(p.name for p in result.plots)
+    assert names == sorted(
+        f"{kind}_synthetic_fc.png" for kind in ("acc", "align", "feedback", "estimator")
+    )
+    md = (out / "results.md").read_text()
+    for path in result.plots:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert image.std() > 0  # something is drawn
+        assert f"]({path.name})" in md
+
+
+def test_mean_band_over_seeds_with_missing_points():
+    x, mean, std = _mean_band([{1: 0.5, 2: 0.7}, {1: 0.7}])
+    assert list(x) == [1, 2]
+    assert mean == pytest.approx([0.6, 0.7])
+    assert std == pytest.approx([statistics.stdev([0.5, 0.7]), 0.0])
+
+
+def test_skipped_runs_and_plots_are_reported_with_reasons(runs, report):
+    result, out = report
+    reasons = {path.rsplit("/", 1)[-1]: why for path, why in result.skipped}
+    assert "diverged" in reasons["fdfa-diverged"] and "completed" in reasons["fdfa-diverged"]
+    assert "no summary.json" in reasons["crashed"]
+    assert "no metrics.jsonl" in reasons["no-metrics"]
+    assert any(what.startswith("align_synthetic_fc.png, bp") for what, _ in result.skipped)
+    md = (out / "results.md").read_text()
+    assert "## Skipped" in md and "fdfa-diverged" in md and "no summary.json" in md
+
+
+def test_cli_prints_what_it_skipped(runs, tmp_path, capsys):
+    assert main([str(runs / "single"), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("2 runs in 1 rows")
+    assert "skipped" in printed and "no-metrics" in printed and "no metrics.jsonl" in printed
+    assert "align_synthetic_fc.png: no run of synthetic / fc logged align/<layer>/cos" in printed
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["acc_synthetic_fc.png"]
+
+
+def test_runs_that_differ_in_config_get_their_own_rows(tmp_path):
+    for n_layers in (1, 2):
+        train_run(tmp_path / f"fc{n_layers}", "dfa", 0, f"model.n_layers={n_layers}", STEPS_2)
+    train_run(tmp_path / "lr", "dfa", 0, "model.n_layers=2", "optimizer.lr=0.001", STEPS_2)
+    result = make_report([tmp_path], tmp_path / "report")
+    assert [(r.model, r.algorithm, r.variant) for r in result.rows] == [
+        ("fc (n_layers=1)", "dfa", "optimizer.lr=0.0001"),
+        ("fc (n_layers=2)", "dfa", "optimizer.lr=0.0001"),
+        ("fc (n_layers=2)", "dfa", "optimizer.lr=0.001"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda tmp: [str(tmp / "nope")], "error: no such directory: "),
+        (lambda tmp: [str(tmp)], "error: no completed run under "),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, make_args, message):
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    assert main([*make_args(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
+
+
+def test_out_must_be_a_directory(runs, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main([str(runs / "single"), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err
