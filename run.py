@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fdfa.errors import FdfaError, find_fdfa_error
+from fdfa.sweep import job_callbacks
 from fdfa.train import train
 from fdfa.validate import preflight
 
@@ -24,7 +25,7 @@ def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     names = {g: hc.runtime.choices.get(g) for g in ("algorithm", "model", "dataset")}
     try:
-        summary = train(cfg, hc.runtime.output_dir, names)
+        summary = train(cfg, hc.runtime.output_dir, names, callbacks=job_callbacks())
     except Exception as err:
         user_error = find_fdfa_error(err)
         if user_error is None or hc.mode == RunMode.MULTIRUN:

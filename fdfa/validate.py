@@ -96,7 +96,7 @@ def preflight(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     for arg in argv:
         for key in ("hydra.run.dir=", "hydra.sweep.dir="):
             if arg.startswith(key):
-                _check_writable(Path(arg[len(key) :]), key[:-1])
+                _check_writable(Path(arg[len(key) :].strip("'\"")), key[:-1])
 
 
 def _sweep_values(value: str) -> list[str]:

@@ -1,0 +1,73 @@
+"""The job side of an Optuna sweep (``python run.py -m sweep=lr``).
+
+The sweeper (hydra_plugins/fdfa_optuna_sweeper) runs each trial's job inside its worker process,
+with Hydra's basic launcher. Around each job it calls ``start_trial``; run.py passes
+``job_callbacks()`` to the trainer, so every per-epoch evaluation reports the objective to the
+trial, and the trial's pruner may stop the job there by raising ``optuna.TrialPruned``.
+
+Outside a sweep ``job_callbacks()`` is empty and this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fdfa.errors import FdfaError
+
+_active: TrialReporter | None = None  # the trial of the job running in this process, if any
+
+
+class TrialReporter:
+    """A trainer callback: reports ``record[objective]`` at each epoch to an Optuna trial, keeps
+    the best value seen (the trial's result), and prunes the job when the pruner says so."""
+
+    def __init__(self, trial, objective: str = "test/acc", direction: str = "maximize"):
+        if direction not in ("maximize", "minimize"):
+            raise FdfaError(f"sweep direction must be maximize or minimize, got {direction!r}")
+        self.trial = trial
+        self.objective = objective
+        self.direction = direction
+        self.values: list[float] = []  # the objective at each evaluation, in order
+
+    @property
+    def best(self) -> float | None:
+        """The best objective over the evaluations so far (None before the first)."""
+        if not self.values:
+            return None
+        return max(self.values) if self.direction == "maximize" else min(self.values)
+
+    def on_evaluation(self, run, record: dict) -> None:
+        if self.objective not in record:
+            metrics = ", ".join(sorted(k for k in record if k not in ("epoch", "step")))
+            raise FdfaError(
+                f"sweep objective {self.objective!r} is not a metric of this run; "
+                f"set hydra.sweeper.objective to one of: {metrics}"
+            )
+        value = float(record[self.objective])
+        self.values.append(value)
+        if not math.isfinite(value):
+            return  # nothing to report; the trial fails when the job ends with a non-finite value
+        self.trial.report(value, step=record["epoch"])
+        if self.trial.should_prune():
+            import optuna  # only here: a sweep is running, so optuna is loaded already
+
+            raise optuna.TrialPruned(
+                f"at epoch {record['epoch']} with {self.objective} {value:.4g}"
+            )
+
+
+def start_trial(trial, objective: str = "test/acc", direction: str = "maximize") -> TrialReporter:
+    """Make ``trial`` the one the next job in this process reports to; returns its reporter."""
+    global _active
+    _active = TrialReporter(trial, objective, direction)
+    return _active
+
+
+def end_trial() -> None:
+    global _active
+    _active = None
+
+
+def job_callbacks() -> list:
+    """The trainer callbacks for the job now starting: a reporter inside a sweep, else none."""
+    return [_active] if _active is not None else []

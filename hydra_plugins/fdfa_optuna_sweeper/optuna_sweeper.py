@@ -1,0 +1,32 @@
+"""The Hydra-facing sweeper class; the work is in _impl.py, imported only when a sweep starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+import hydra_plugins.fdfa_optuna_sweeper.config  # noqa: F401  (registers the configs)
+
+
+class FdfaOptunaSweeper(Sweeper):
+    """``hydra/sweeper=fdfa_optuna``: an Optuna study over the ``params`` search space."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings  # the fields of config.FdfaOptunaSweeperConf
+        self.impl = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        from hydra_plugins.fdfa_optuna_sweeper._impl import OptunaSweep
+
+        self.hydra_context = hydra_context
+        self.config = config
+        self.impl = OptunaSweep(self, **self.settings)
+        self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        return self.impl.sweep(arguments)

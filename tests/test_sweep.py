@@ -1,0 +1,418 @@
+"""Optuna sweeps (hydra_plugins/fdfa_optuna_sweeper, fdfa/sweep.py, sweeps/*.yaml).
+
+Each CLI test is ``python run.py -m sweep=lr ...`` on the tiny synthetic task (256 samples of 1x8x8,
+4 classes, 8 steps per epoch) with a narrow FC net, so a trial takes about a second; process start
+is the main cost. Deterministic outcomes come from trials queued with ``study.enqueue_trial`` (the
+sweep runs queued trials first), not from the sampler.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from fdfa import sweep as job_side
+from fdfa.errors import FdfaError
+from hydra_plugins.fdfa_optuna_sweeper import _impl
+from tests.helpers import REPO, PrototypeData, run_cli, synthetic_overrides
+
+SWEEPS = REPO / "sweeps"
+TINY = synthetic_overrides("model.width=32", "algorithm=bp", "trainer.epochs=1")
+
+
+class HeldData(PrototypeData):
+    """PrototypeData that, while ``hold_file`` exists, blocks in __init__ after writing
+    ``started_file``: a job the test can catch mid-trial (to kill its worker)."""
+
+    def __init__(self, hold_file=None, started_file=None, delay_s=0.0, **kwargs):
+        if started_file:
+            Path(started_file).touch()
+        while hold_file and Path(hold_file).exists():
+            time.sleep(0.05)
+        time.sleep(delay_s)
+        super().__init__(**kwargs)
+
+
+def sweep_cli(sweep_dir: Path, *extra: str, sweep: str = "lr", popen: bool = False):
+    """``python run.py -m sweep=<sweep>`` on the tiny task, its sweep dir and SQLite study in
+    ``sweep_dir``; returns the finished process, or the running Popen with ``popen=True``."""
+    args = ["-m", f"sweep={sweep}", *TINY, f"hydra.sweep.dir={sweep_dir}", *extra]
+    if not popen:
+        return run_cli(args)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def sqlite_url(sweep_dir: Path) -> str:
+    return f"sqlite:///{sweep_dir / 'optuna.db'}"
+
+
+def load(sweep_dir: Path, name: str = "lr-bp-fc-fake", storage: str | None = None):
+    return optuna.load_study(study_name=name, storage=storage or sqlite_url(sweep_dir))
+
+
+def queue(sweep_dir: Path, *lrs: float, name: str = "lr-bp-fc-fake") -> None:
+    """Create the study as the sweep would, with trials at these forward lrs queued first."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name=name, storage=sqlite_url(sweep_dir), direction="maximize"
+    )
+    for lr in lrs:
+        study.enqueue_trial({"optimizer.lr": lr})
+
+
+def finished(study) -> list:
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return [t for t in study.trials if t.state in done]
+
+
+# ------------------------------------------------------------------------- fast, in-process
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("tag(log, interval(1e-5, 1e-2))", FloatDistribution(1e-5, 1e-2, log=True)),
+        ("interval(0.9, 0.999)", FloatDistribution(0.9, 0.999)),
+        ("tag(int, interval(1, 4))", IntDistribution(1, 4)),
+        ("range(1, 10, 3)", IntDistribution(1, 7, step=3)),  # like range(): 1, 4, 7
+        ("choice(0.9, 0.99)", CategoricalDistribution([0.9, 0.99])),
+        ("bp,dfa", CategoricalDistribution(["bp", "dfa"])),
+    ],
+)
+def test_search_space_grammar_of_the_official_plugin(text, expected):
+    override = OverridesParser.create().parse_override(f"key={text}")
+    assert _impl.to_distribution(override) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["tag(cube, interval(1, 2))", "tag(log, interval(0, 1))", "interval(2, 1)"]
+)
+def test_bad_search_space_is_a_user_error(text):
+    override = OverridesParser.create().parse_override(f"optimizer.lr={text}")
+    with pytest.raises(FdfaError, match="optimizer.lr"):
+        _impl.to_distribution(override)
+
+
+def test_sampled_values_become_overrides_hydra_parses_back():
+    parser = OverridesParser.create()
+    for value in (1e-05, 0.99, 3, True, None, "dfa", "a b'c"):
+        text = _impl.override_value(value)
+        assert parser.parse_override(f"key={text}").value() == value
+
+
+def test_trial_reporter_reports_each_epoch_and_prunes():
+    """With MedianPruner(n_startup_trials=1), a trial below the first trial's value at the same
+    epoch is pruned there; the reporter keeps the best value as the trial's result."""
+    assert job_side.job_callbacks() == []  # outside a sweep: no callbacks at all
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(1))
+    run = None  # the reporter needs nothing from the run
+    first = job_side.start_trial(study.ask(), "test/acc", "maximize")
+    assert job_side.job_callbacks() == [first]
+    for epoch, acc in [(1, 0.5), (2, 0.8), (3, 0.7)]:
+        first.on_evaluation(run, {"epoch": epoch, "test/acc": acc})
+    study.tell(first.trial, first.best)
+    assert study.trials[0].value == 0.8 and study.trials[0].intermediate_values == {
+        1: 0.5,
+        2: 0.8,
+        3: 0.7,
+    }
+    second = job_side.start_trial(study.ask(), "test/acc", "maximize")
+    second.on_evaluation(run, {"epoch": 1, "test/acc": 0.6})  # above 0.5: goes on
+    with pytest.raises(optuna.TrialPruned):
+        second.on_evaluation(run, {"epoch": 2, "test/acc": 0.3})  # below 0.8: pruned
+    with pytest.raises(FdfaError, match="hydra.sweeper.objective"):
+        second.on_evaluation(run, {"epoch": 3, "test/loss": 1.0})
+    job_side.end_trial()
+    assert job_side.job_callbacks() == []
+
+
+def test_silent_or_dead_workers_trials_are_failed_and_queued_again(tmp_path):
+    """A running trial is abandoned when its heartbeat is older than grace_period (any
+    machine), or at once when its worker's process on this machine is gone."""
+    storage = _impl.make_storage(sqlite_url(tmp_path))
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    sweep = _impl.OptunaSweep(None, sampler=None, pruner=None, grace_period=60.0)
+    sweep.storage = storage
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    now = time.time()
+    workers = {
+        "silent": ({"machine": "elsewhere", "pid": 1, "host": "b"}, now - 61),
+        "slow but beating": ({"machine": "elsewhere", "pid": 1, "host": "b"}, now - 5),
+        "dead": ({"machine": sweep.machine, "pid": dead.pid, "host": "a"}, now),
+        "alive": ({"machine": sweep.machine, "pid": os.getppid(), "host": "a"}, now),
+    }
+    for i, (worker, beat) in enumerate(workers.values()):
+        trial = study.ask({"x": FloatDistribution(0, 10)})
+        storage.set_trial_system_attr(trial._trial_id, _impl.WORKER_ATTR, worker)
+        storage.set_trial_system_attr(trial._trial_id, _impl.HEARTBEAT_ATTR, beat)
+        storage.set_trial_user_attr(trial._trial_id, "i", i)
+    sweep._fail_abandoned(study)
+    trials = study.get_trials()
+    states = {name: trials[i].state for i, name in enumerate(workers)}
+    assert states == {
+        "silent": TrialState.FAIL,
+        "slow but beating": TrialState.RUNNING,
+        "dead": TrialState.FAIL,
+        "alive": TrialState.RUNNING,
+    }
+    redos = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs["redo_of"] for t in redos) == [0, 2]
+    for redo in redos:  # same parameters as the abandoned trial
+        assert redo.system_attrs["fixed_params"] == trials[redo.user_attrs["redo_of"]].params
+    assert all(not _impl.counts(trials[i]) for i in (0, 2))  # their places go to the redos
+    assert "abandoned" in trials[0].user_attrs["fail_reason"]
+
+
+def test_every_sweep_file_composes_and_parses():
+    from hydra import compose, initialize_config_dir
+
+    names = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
+    assert {"lr", "fdfa", "fdfa_adam", "dkp", "compare"} <= set(names)
+    assert (REPO / "conf" / "sweep").resolve() == SWEEPS
+    parser = OverridesParser.create()
+    for name in names:
+        lines = (SWEEPS / f"{name}.yaml").read_text().splitlines()
+        assert lines[0] == "# @package _global_" and lines[1].startswith(
+            "# python run.py -m sweep="
+        )
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
+        params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+        assert params, name
+        if name == "compare":
+            assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")
+            continue
+        assert cfg.hydra.sweeper._target_.endswith("FdfaOptunaSweeper")
+        for key, text in params.items():
+            assert OmegaConf.select(cfg, key) is not None, f"{name}: {key} is not a config key"
+            _impl.to_distribution(parser.parse_override(f"{key}={text}"))
+    fdfa = compose_sweep("fdfa")
+    assert fdfa.algorithm.feedback_update == "ema" and "algorithm.momentum" in (
+        fdfa.hydra.sweeper.params
+    )
+    assert compose_sweep("fdfa_adam").algorithm.feedback_update == "adam"
+    assert compose_sweep("dkp").algorithm._target_ == "fdfa.rules.DKP"
+
+
+def compose_sweep(name: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
+
+
+# ------------------------------------------------------------------------- python run.py -m
+
+
+def test_sweep_runs_n_trials_reports_and_resumes(tmp_path):
+    no_pruning = "hydra/sweeper/pruner=none"  # each trial's value is then its job's best/test/acc
+    res = sweep_cli(
+        tmp_path, "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.seed=0", no_pruning
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    study = load(tmp_path)
+    assert len(study.trials) == 6 and len(finished(study)) == 6
+    for trial in study.trials:  # each job ran with its trial's lr, in <sweep dir>/<trial number>
+        job = OmegaConf.load(tmp_path / str(trial.number) / ".hydra" / "config.yaml")
+        assert job.optuna_trial == trial.number
+        assert job.optimizer.lr == pytest.approx(trial.params["optimizer.lr"])
+        summary = json.loads((tmp_path / str(trial.number) / "summary.json").read_text())
+        assert trial.value == summary["best/test/acc"]
+    results = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    assert results.best_value == study.best_value == max(t.value for t in study.trials)
+    assert results.best_params["optimizer.lr"] == study.best_params["optimizer.lr"]
+    assert f"Best trial {study.best_trial.number}: test/acc" in res.stdout + res.stderr
+    for plot in ("optimization_history", "param_importances", "parallel_coordinate"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 1000
+
+    # The same command with a larger budget continues the study: only the 2 missing trials run,
+    # here on 2 worker processes (n_jobs) of this one command.
+    more = ["hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=2", no_pruning]
+    res = sweep_cli(tmp_path, *more)
+    assert res.returncode == 0, res.stdout + res.stderr
+    study = load(tmp_path)
+    assert [t.number for t in finished(study)] == list(range(8))
+    assert sorted(p.name for p in tmp_path.glob("[0-9]*")) == sorted(str(i) for i in range(8))
+    assert (tmp_path / "worker-1.log").is_file()
+
+
+def test_two_workers_started_together_share_one_fresh_study(tmp_path):
+    slow = ["dataset._target_=tests.test_sweep.HeldData", "+dataset.delay_s=0.5"]
+    cmd = ["hydra.sweeper.n_trials=8", *slow]
+    workers = [sweep_cli(tmp_path, *cmd, popen=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=240)[0] for w in workers]
+    for worker, out in zip(workers, outputs):
+        assert worker.returncode == 0, out
+    study = load(tmp_path)
+    assert [t.number for t in finished(study)] == list(range(8)) and len(study.trials) == 8
+    pids = {t.system_attrs[_impl.WORKER_ATTR]["pid"] for t in study.trials}
+    assert pids == {w.pid for w in workers}  # both contributed (each trial takes >= 0.5 s)
+
+
+def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path):
+    """Queued: two good lrs, a too small lr (pruned by the median rule after epoch 1), and an
+    lr so large that the loss overflows (the trainer stops: FAILED with the reason)."""
+    queue(tmp_path, 1e-2, 1e-2, 1e-7, 1e20)
+    res = sweep_cli(
+        tmp_path,
+        "hydra.sweeper.n_trials=4",
+        "trainer.epochs=3",
+        "hydra/sweeper/pruner=median",
+        "hydra.sweeper.pruner.n_startup_trials=2",
+        "optimizer.lr=tag(log,interval(1e-8,1e21))",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    good, good2, small, huge = load(tmp_path).trials
+    assert good.state == good2.state == TrialState.COMPLETE and good.value > 0.9
+    # Adam at 1e-7 leaves the random net near chance (0.25) after epoch 1; at 1e-2 it is > 0.9.
+    assert small.state == TrialState.PRUNED and list(small.intermediate_values) == [1]
+    summary = json.loads((tmp_path / str(small.number) / "summary.json").read_text())
+    assert summary["status"] == "pruned"
+    assert huge.state == TrialState.FAIL and "diverged" in huge.user_attrs["fail_reason"]
+    assert json.loads((tmp_path / str(huge.number) / "summary.json").read_text())["status"] == (
+        "diverged"
+    )
+    results = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    assert dict(results.trials) == {"complete": 2, "pruned": 1, "fail": 1}
+
+
+def test_too_many_failures_stop_the_sweep_with_one_line(tmp_path):
+    queue(tmp_path, 1e20, 1e20)
+    res = sweep_cli(
+        tmp_path,
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.max_failure_rate=0.25",
+        "optimizer.lr=tag(log,interval(1e-8,1e21))",
+    )
+    assert res.returncode == 2
+    error = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "hydra.sweeper.max_failure_rate=0.25" in error[0]
+    assert len(load(tmp_path).trials) == 2  # stopped after the second failure (2 > 0.25 * 4)
+
+
+def test_rerun_redoes_the_trial_of_a_killed_worker(tmp_path):
+    hold, started = tmp_path / "hold", tmp_path / "started"
+    hold.touch()
+    held = [
+        "dataset._target_=tests.test_sweep.HeldData",
+        f"+dataset.hold_file={hold}",
+        f"+dataset.started_file={started}",
+    ]
+    cmd = ["hydra.sweeper.n_trials=2", *held]
+    worker = sweep_cli(tmp_path / "sweep", *cmd, popen=True)
+    deadline = time.time() + 120
+    while not started.exists() and worker.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert started.exists(), worker.communicate()[0]
+    worker.send_signal(signal.SIGKILL)  # trial 0 is left RUNNING
+    worker.communicate()
+    hold.unlink()
+    assert [t.state for t in load(tmp_path / "sweep").trials] == [TrialState.RUNNING]
+
+    res = sweep_cli(tmp_path / "sweep", *cmd)
+    assert res.returncode == 0, res.stdout + res.stderr
+    killed, redo, new = load(tmp_path / "sweep").trials
+    assert killed.state == TrialState.FAIL and killed.user_attrs["abandoned"]
+    assert redo.user_attrs["redo_of"] == 0 and redo.params == killed.params
+    assert redo.state == new.state == TrialState.COMPLETE
+
+
+def test_compare_sweep_is_a_grid_of_rules_and_seeds(tmp_path):
+    tiny = [a for a in TINY if not a.startswith("algorithm=")]
+    # The command line narrows the file's grid (algorithm: bp,dfa,dkp,fdfa, seed: 0,1,2).
+    res = run_cli(
+        ["-m", "sweep=compare", *tiny, "algorithm=bp,dfa", "seed=0", f"hydra.sweep.dir={tmp_path}"]
+    )
+    assert res.returncode == 0, res.stderr
+    runs = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")}
+    assert set(runs) == {"bp-seed0", "dfa-seed0"}
+    assert {r["algorithm"] for r in runs.values()} == {"bp", "dfa"}
+
+
+# ------------------------------------------------------------------------------ PostgreSQL
+
+
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name) or sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(found[-1] if isinstance(found, list) else found) if found else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1 (as user postgres when the tests run as root,
+    which PostgreSQL refuses); the URL of its ``postgres`` database."""
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL binaries not found (Debian: apt-get install postgresql)")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'psycopg[binary]'")
+    as_user = []
+    home = Path(tempfile.mkdtemp(prefix="fdfa-pg-"))
+    if os.geteuid() == 0:
+        if not shutil.which("runuser"):
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as non-root")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(home, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = home / "data"
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(home / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"  # SQLAlchemy 2.1: psycopg 3
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"])
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url):
+    """Two workers with separate sweep dirs (as on two machines) and one PostgreSQL study."""
+    shared = [
+        "hydra.sweeper.n_trials=6",
+        f"hydra.sweeper.storage={postgres_url}",
+        "hydra.sweeper.study_name=shared",
+        "dataset._target_=tests.test_sweep.HeldData",
+        "+dataset.delay_s=0.5",
+    ]
+    workers = [sweep_cli(tmp_path / name, *shared, popen=True) for name in ("a", "b")]
+    outputs = [w.communicate(timeout=240)[0] for w in workers]
+    for worker, out in zip(workers, outputs):
+        assert worker.returncode == 0, out
+    study = load(tmp_path, name="shared", storage=postgres_url)
+    assert [t.number for t in finished(study)] == list(range(6)) and len(study.trials) == 6
+    assert {t.system_attrs[_impl.WORKER_ATTR]["pid"] for t in study.trials} == {
+        w.pid for w in workers
+    }
+    ran = sorted(int(p.name) for d in ("a", "b") for p in (tmp_path / d).glob("[0-9]*"))
+    assert ran == list(range(6))  # each trial ran once, on one of the two "machines"
