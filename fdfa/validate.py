@@ -38,6 +38,7 @@ CHECKS = {
     "algorithm.n_directions": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "algorithm.feedback_update": (lambda v: v in ("adam", "ema"), "adam or ema"),
     "algorithm.feedback_init": (lambda v: v in ("zeros", "kaiming"), "zeros or kaiming"),
+    "algorithm.per_sample": (lambda v: isinstance(v, bool), "true or false"),
     "model.n_layers": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "model.width": (lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
     "model.input_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),

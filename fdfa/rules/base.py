@@ -7,17 +7,29 @@ rule's own tensors together) and implements one method::
 
 which fills ``.grad`` of every model parameter for the batch and updates the rule's own state
 (feedback matrices). The trainer then calls the forward optimizer's ``step()``.
+
+The forward-mode rules (FDFA, FG-W, FG-A) share the perturbed forward passes at the bottom of this
+file: ``dual_forward`` (one direction, dual tensors, one pass) and ``perturbed_forward`` (k
+directions, batched with ``torch.func.vmap`` over ``torch.func.jvp``).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
+from torch.func import jvp, vmap
 
+from fdfa.errors import FdfaError
 from fdfa.models import check_block_net, hidden_shapes
+
+
+class OptionError(FdfaError, ValueError):
+    """A bad rule option (``algorithm.*``). Also a ValueError, the type Python code expects."""
 
 
 class StepOutput(NamedTuple):
@@ -27,6 +39,10 @@ class StepOutput(NamedTuple):
 
 class LearningRule(nn.Module):
     """Base class: holds the model as ``self.model``."""
+
+    # True for rules whose update comes from forward-mode directional derivatives (FDFA, FG-W,
+    # FG-A): the metrics code reports how far their estimates are from the true gradient.
+    forward_mode: bool = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -42,6 +58,31 @@ class LearningRule(nn.Module):
     def extra_state_for_checkpoint(self) -> dict:
         """State outside ``state_dict()`` (e.g. a feedback optimizer); empty by default."""
         return {}
+
+    def local_forward(self, x: torch.Tensor):
+        """Forward with every block's input detached, so each block's graph is its own."""
+        return local_forward(self.model, x)
+
+
+def local_forward(model: nn.Module, x: torch.Tensor):
+    """Block outputs ``hs`` and logits; every block (and the head) sees a detached input, so a
+    backward from h_l reaches block l's parameters only. Returns (hs, logits)."""
+    hs = []
+    h = x
+    for block in model.blocks:
+        h = block(h.detach())
+        hs.append(h)
+    logits = model.head(h.detach())
+    return hs, logits
+
+
+def check_n_directions(n_directions) -> int:
+    if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
+        raise OptionError(
+            f"algorithm.n_directions must be an integer >= 1, got {n_directions!r}; "
+            "e.g. algorithm.n_directions=4"
+        )
+    return n_directions
 
 
 def project_error(e: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
@@ -64,19 +105,11 @@ class DirectFeedbackRule(LearningRule):
             elif init == "zeros":
                 nn.init.zeros_(b)
             else:
-                raise ValueError(f"feedback init must be 'zeros' or 'kaiming', got {init!r}")
+                raise OptionError(
+                    f"algorithm.feedback_init must be 'zeros' or 'kaiming', got {init!r}"
+                )
             params.append(nn.Parameter(b, requires_grad=False))
         self.feedback = nn.ParameterList(params)
-
-    def local_forward(self, x: torch.Tensor):
-        """Forward with every block's input detached, so each block's graph is its own."""
-        hs = []
-        h = x
-        for block in self.model.blocks:
-            h = block(h.detach())
-            hs.append(h)
-        logits = self.model.head(h.detach())
-        return hs, logits
 
     def inject_and_backward(self, hs, logits, loss):
         """Exact gradient for the head; e.B_l injected at each h_l. One autograd call.
@@ -86,3 +119,77 @@ class DirectFeedbackRule(LearningRule):
         injected = [project_error(e, b) for b in self.feedback]
         torch.autograd.backward([logits, *hs], [e, *injected])
         return e
+
+
+def dual_forward(model: nn.Module, x: torch.Tensor, us=None):
+    """One forward pass that also carries a forward-mode tangent (one direction).
+
+    At each block output h_l a perturbation u_l (drawn ~ N(0, I) unless ``us`` gives it) is added
+    to the tangent, so the logits' tangent is t = sum_l J_l u_l (J_l: Jacobian of the logits
+    w.r.t. h_l). Block inputs are detached from the reverse-mode graph (local training), not from
+    the tangent, which flows through the whole net. BatchNorm buffers update once, as in a plain
+    training forward. Returns (hs, us, logits, t), t of shape [batch, classes]."""
+    hs, drawn = [], []
+    h, tangent = x, None
+    with fwAD.dual_level():
+        for i, block in enumerate(model.blocks):
+            inp = h.detach() if tangent is None else fwAD.make_dual(h.detach(), tangent)
+            h, h_tangent = fwAD.unpack_dual(block(inp))
+            u = torch.randn_like(h) if us is None else us[i]
+            tangent = u if h_tangent is None else h_tangent + u
+            hs.append(h)
+            drawn.append(u)
+        logits, t = fwAD.unpack_dual(model.head(fwAD.make_dual(h.detach(), tangent)))
+    return hs, drawn, logits, t
+
+
+@contextmanager
+def batch_statistics_only(model: nn.Module):
+    """Within this block, normalisation layers in training mode still normalise with the batch's
+    statistics but leave their running buffers alone (``torch.func`` transforms cannot mutate
+    them, and a second pass over the batch must not count twice). Restored on exit."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+            saved.append((m, m.running_mean, m.running_var, m.num_batches_tracked))
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+            m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, mean, var, count in saved:
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+            m.track_running_stats = True
+
+
+def logits_tangents(model: nn.Module, x: torch.Tensor, us) -> torch.Tensor:
+    """t[i] = sum_l J_l u_l[i] for k stacked directions ``us`` (each [k, batch, *h_l.shape[1:]]),
+    as one ``vmap`` over ``jvp``: the primal is computed once, the k tangents side by side.
+    Leaves BatchNorm buffers untouched. Returns [k, batch, classes] (no autograd graph)."""
+
+    def logits_given_offsets(*offsets):
+        h = x
+        for block, offset in zip(model.blocks, offsets):
+            h = block(h) + offset
+        return model.head(h)
+
+    zeros = tuple(torch.zeros_like(u[0]) for u in us)
+    with torch.no_grad(), batch_statistics_only(model):
+        return vmap(lambda *u: jvp(logits_given_offsets, zeros, u)[1])(*us)
+
+
+def perturbed_forward(model: nn.Module, x: torch.Tensor, n_directions: int = 1, us=None):
+    """Activity-perturbed forward pass with k = ``n_directions`` independent directions.
+
+    Returns (hs, us, logits, t): block outputs on local graphs (as ``local_forward``), the
+    perturbations us[l] of shape [k, batch, *h_l.shape[1:]] (drawn ~ N(0, I) unless given),
+    logits, and the logits' tangents t of shape [k, batch, classes], t[i] = sum_l J_l us[l][i].
+    k = 1 is a single dual-tensor pass (``dual_forward``); k > 1 is a plain forward (which
+    updates BatchNorm buffers once) plus one batched tangent pass (``logits_tangents``)."""
+    if n_directions == 1:
+        hs, drawn, logits, t = dual_forward(model, x, None if us is None else [u[0] for u in us])
+        return hs, [u.unsqueeze(0) for u in drawn], logits, t.unsqueeze(0)
+    hs, logits = local_forward(model, x)
+    if us is None:
+        us = [torch.randn(n_directions, *h.shape, device=h.device, dtype=h.dtype) for h in hs]
+    return hs, list(us), logits, logits_tangents(model, x.detach(), us)

@@ -1,0 +1,62 @@
+"""Activity-perturbed forward gradient, FG-A (Ren et al. 2023, "Scaling Forward Gradient With
+Local Losses").
+
+The perturbations are the ones FDFA uses (same pass, same draws, so their variances compare):
+every block output h_l gets a fresh u_l ~ N(0, I) in the tangent, and one forward-mode pass gives
+the logits' tangent t = sum_l J_l u_l. With e = dL/dlogits, the directional derivative of the
+loss along all perturbations at once is d = sum_n e_n·t_n, and d·u_l is unbiased for dL/dh_l
+because the u_l of different blocks (and samples) are independent with E[u u^T] = I. The estimate
+is injected at h_l and back-propagated inside block l only (as DFA does with e·B_l); the output
+layer gets its exact gradient.
+
+``per_sample`` picks d (both are unbiased where samples do not interact):
+
+- ``true`` (default, Ren et al.): sample n uses its own term d_n = e_n·t_n, so the estimate for
+  h_l[n] is d_n·u_l[n] and the other samples' noise stays out. Under BatchNorm in training mode
+  the samples interact through the batch statistics; the estimate's mean is then e_n J_nn
+  (J_nn = d logits[n] / d h_l[n]), sample n's own paths only: the exact gradient less its
+  cross-sample terms, the same approximation DFA and FDFA make (FDFA's Ĵ_l averages J_nn too).
+- ``false``: every sample uses the whole d = sum_n d_n (Baydin et al.'s directional derivative of
+  the batch loss): unbiased for the exact gradient even with BatchNorm, at about batch-size times
+  the variance.
+
+With ``n_directions=k`` the estimate is averaged over k independent directions in one batched
+tangent pass.
+"""
+
+import torch
+
+from fdfa.rules.base import LearningRule, OptionError, StepOutput, check_n_directions
+from fdfa.rules.base import perturbed_forward as _perturbed_forward
+
+
+class FGA(LearningRule):
+    forward_mode = True
+
+    def __init__(self, model, n_directions: int = 1, per_sample: bool = True):
+        super().__init__(model)
+        self.n_directions = check_n_directions(n_directions)
+        if not isinstance(per_sample, bool):
+            raise OptionError(f"algorithm.per_sample must be true or false, got {per_sample!r}")
+        self.per_sample = per_sample
+
+    def perturbed_forward(self, x, us=None):
+        """(hs, us, logits, t): us[l] is [k, batch, *h_l.shape[1:]], t is [k, batch, classes]."""
+        return _perturbed_forward(self.model, x, self.n_directions, us)
+
+    def activity_gradients(self, e, t, us):
+        """Estimates of dL/dh_l from e = dL/dlogits [batch, classes], the tangents t [k, batch,
+        classes] and the perturbations us, averaged over the k directions."""
+        d = (t * e).sum(-1)  # [k, batch]: d[i, n] = e_n·t_n along direction i
+        if not self.per_sample:
+            d = d.sum(1, keepdim=True).expand_as(d)
+        k = d.shape[0]
+        return [torch.einsum("kn,knd->nd", d, u.flatten(2)).div_(k).view_as(u[0]) for u in us]
+
+    def train_step(self, x, y) -> StepOutput:
+        hs, us, logits, t = self.perturbed_forward(x)
+        loss = self.loss(logits, y)
+        (e,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        injected = self.activity_gradients(e, t.detach(), us)
+        torch.autograd.backward([logits, *hs], [e, *injected])
+        return StepOutput(loss.detach(), logits.detach())
