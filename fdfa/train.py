@@ -100,6 +100,8 @@ class Run:
         self.rule = instantiate(cfg.algorithm, model=self.model)
         self.optimizer = instantiate(cfg.optimizer)(self.model.parameters())
         self.scheduler = instantiate(cfg.scheduler)(self.optimizer)
+        # alignment metrics on the side of training (conf/metrics/); none without a metrics group
+        self.metrics = instantiate(cfg.metrics) if cfg.get("metrics") else None
         self.names = {
             "algorithm": type(self.rule).__name__.lower(),
             "model": type(self.model).__name__.lower(),
@@ -278,6 +280,11 @@ class Run:
                     f"training diverged: loss is {out.loss.item()} at step {p.step + 1} "
                     f"(epoch {p.epoch}, lr {lr:g}); lower optimizer.lr"
                 )
+            if self.metrics is not None and self.metrics.due(p.step + 1):
+                t_metrics = time.perf_counter()
+                measured = self.metrics.measure(rule, x, y)  # .grad holds the rule's update
+                self.log({"epoch": p.epoch, "step": p.step + 1, **measured})
+                t0 += time.perf_counter() - t_metrics  # keeps them out of train/samples_per_s
             optimizer.step()
             loss_sum += out.loss
             p.batch += 1
@@ -318,10 +325,11 @@ class Run:
             callback.on_evaluation(self, record)
 
     def _totals(self) -> dict:
-        p, last = self.progress, (self.records[-1] if self.records else {})
+        evaluations = [r for r in self.records if "test/acc" in r]  # not the metrics records
+        p, last = self.progress, (evaluations[-1] if evaluations else {})
         return {
             "test/acc": last.get("test/acc"),
-            "best/test/acc": p.best_acc if self.records else None,
+            "best/test/acc": p.best_acc if evaluations else None,
             "train/loss": last.get("train/loss"),
             "test/loss": last.get("test/loss"),
             "epochs": p.epoch,

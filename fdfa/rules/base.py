@@ -8,9 +8,9 @@ rule's own tensors together) and implements one method::
 which fills ``.grad`` of every model parameter for the batch and updates the rule's own state
 (feedback matrices). The trainer then calls the forward optimizer's ``step()``.
 
-The forward-mode rules (FDFA, FG-W, FG-A) share the perturbed forward passes at the bottom of this
-file: ``dual_forward`` (one direction, dual tensors, one pass) and ``perturbed_forward`` (k
-directions, batched with ``torch.func.vmap`` over ``torch.func.jvp``).
+The activity-perturbed rules (FDFA, FG-A) share the perturbed forward passes at the bottom of
+this file: ``dual_forward`` (one direction) and ``perturbed_forward`` (k directions stacked), one
+pass each, with the closed-form tangents of fdfa.tangents.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
-from torch.func import jvp, vmap
 
 from fdfa.errors import FdfaError
 from fdfa.models import check_block_net, hidden_shapes
+from fdfa.tangents import forward_with_tangent
 
 
 class OptionError(FdfaError, ValueError):
@@ -129,17 +128,27 @@ def dual_forward(model: nn.Module, x: torch.Tensor, us=None):
     w.r.t. h_l). Block inputs are detached from the reverse-mode graph (local training), not from
     the tangent, which flows through the whole net. BatchNorm buffers update once, as in a plain
     training forward. Returns (hs, us, logits, t), t of shape [batch, classes]."""
+    return _tangent_forward(model, x, None, us)
+
+
+def _tangent_forward(model: nn.Module, x: torch.Tensor, k: int | None, us=None):
+    """The pass behind ``dual_forward`` (k None: one direction, unstacked tangents) and
+    ``perturbed_forward`` (k directions stacked in a leading dim). Tangents come from the closed
+    forms in fdfa.tangents (torch's forward-mode AD for layer types it does not know)."""
     hs, drawn = [], []
     h, tangent = x, None
-    with fwAD.dual_level():
-        for i, block in enumerate(model.blocks):
-            inp = h.detach() if tangent is None else fwAD.make_dual(h.detach(), tangent)
-            h, h_tangent = fwAD.unpack_dual(block(inp))
-            u = torch.randn_like(h) if us is None else us[i]
-            tangent = u if h_tangent is None else h_tangent + u
-            hs.append(h)
-            drawn.append(u)
-        logits, t = fwAD.unpack_dual(model.head(fwAD.make_dual(h.detach(), tangent)))
+    for i, block in enumerate(model.blocks):
+        h, h_tangent = forward_with_tangent(block, h.detach(), tangent)
+        if us is not None:
+            u = us[i]
+        elif k is None:
+            u = torch.randn_like(h)
+        else:
+            u = torch.randn(k, *h.shape, device=h.device, dtype=h.dtype)
+        tangent = u if h_tangent is None else h_tangent + u
+        hs.append(h)
+        drawn.append(u)
+    logits, t = forward_with_tangent(model.head, h.detach(), tangent)
     return hs, drawn, logits, t
 
 
@@ -162,34 +171,14 @@ def batch_statistics_only(model: nn.Module):
             m.track_running_stats = True
 
 
-def logits_tangents(model: nn.Module, x: torch.Tensor, us) -> torch.Tensor:
-    """t[i] = sum_l J_l u_l[i] for k stacked directions ``us`` (each [k, batch, *h_l.shape[1:]]),
-    as one ``vmap`` over ``jvp``: the primal is computed once, the k tangents side by side.
-    Leaves BatchNorm buffers untouched. Returns [k, batch, classes] (no autograd graph)."""
-
-    def logits_given_offsets(*offsets):
-        h = x
-        for block, offset in zip(model.blocks, offsets):
-            h = block(h) + offset
-        return model.head(h)
-
-    zeros = tuple(torch.zeros_like(u[0]) for u in us)
-    with torch.no_grad(), batch_statistics_only(model):
-        return vmap(lambda *u: jvp(logits_given_offsets, zeros, u)[1])(*us)
-
-
 def perturbed_forward(model: nn.Module, x: torch.Tensor, n_directions: int = 1, us=None):
     """Activity-perturbed forward pass with k = ``n_directions`` independent directions.
 
     Returns (hs, us, logits, t): block outputs on local graphs (as ``local_forward``), the
     perturbations us[l] of shape [k, batch, *h_l.shape[1:]] (drawn ~ N(0, I) unless given),
     logits, and the logits' tangents t of shape [k, batch, classes], t[i] = sum_l J_l us[l][i].
-    k = 1 is a single dual-tensor pass (``dual_forward``); k > 1 is a plain forward (which
-    updates BatchNorm buffers once) plus one batched tangent pass (``logits_tangents``)."""
+    One pass: the primal once (BatchNorm buffers update once), the k tangents side by side."""
     if n_directions == 1:
         hs, drawn, logits, t = dual_forward(model, x, None if us is None else [u[0] for u in us])
         return hs, [u.unsqueeze(0) for u in drawn], logits, t.unsqueeze(0)
-    hs, logits = local_forward(model, x)
-    if us is None:
-        us = [torch.randn(n_directions, *h.shape, device=h.device, dtype=h.dtype) for h in hs]
-    return hs, list(us), logits, logits_tangents(model, x.detach(), us)
+    return _tangent_forward(model, x, n_directions, us)
