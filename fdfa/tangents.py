@@ -60,22 +60,30 @@ def _conv(m: nn.Conv2d, x, t):
 
 
 def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x, t):
-    y = m(x)
-    with torch.no_grad():
-        shape = [1, -1] + [1] * (x.dim() - 2)  # broadcast per channel
-        gamma = m.weight.view(shape) if m.affine else 1.0
-        if m.training or m.running_var is None:  # batch statistics: samples are coupled
-            dims = [0] + list(range(2, x.dim()))
-            xd = x.detach()
-            mean = xd.mean(dims, keepdim=True)
-            inv_std = torch.rsqrt(xd.var(dims, unbiased=False, keepdim=True) + m.eps)
-            x_hat = (xd - mean) * inv_std
-            tdims = [d + 1 for d in dims] if _stacked(x, t) else dims
-            t_c = t - t.mean(tdims, keepdim=True)
-            t_c = t_c - x_hat * (x_hat * t).mean(tdims, keepdim=True)
-            return y, t_c * (inv_std * gamma)
-        inv_std = torch.rsqrt(m.running_var.view(shape) + m.eps)
-        return y, t * (inv_std * gamma)
+    shape = [1, -1] + [1] * (x.dim() - 2)  # broadcast per channel
+    if not m.training and m.running_var is not None:  # running statistics: a per-channel scale
+        y = m(x)
+        with torch.no_grad():
+            scale = torch.rsqrt(m.running_var + m.eps) * (m.weight if m.affine else 1.0)
+            return y, t * scale.view(shape)
+    # Batch statistics, as the module's forward (same op, same running-statistics update), but
+    # keeping the batch mean and 1/std that the tangent needs.
+    momentum = 0.0
+    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+        m.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+    y, mean, inv_std = torch.native_batch_norm(
+        x, m.weight, m.bias, m.running_mean, m.running_var, True, momentum, m.eps
+    )
+    with torch.no_grad():  # d x_hat = (t - mean(t) - x_hat * mean(x_hat * t)) / std
+        dims = [0] + list(range(2, x.dim()))
+        tdims = [d + 1 for d in dims] if _stacked(x, t) else dims
+        x_hat = (x.detach() - mean.view(shape)) * inv_std.view(shape)
+        centre = torch.addcmul(
+            t.mean(tdims, keepdim=True), x_hat, (x_hat * t).mean(tdims, keepdim=True)
+        )
+        scale = inv_std * m.weight if m.affine else inv_std
+        return y, (t - centre).mul_(scale.view(shape))
 
 
 def _relu(m, x, t):

@@ -145,7 +145,7 @@ def _tangent_forward(model: nn.Module, x: torch.Tensor, k: int | None, us=None):
             u = torch.randn_like(h)
         else:
             u = torch.randn(k, *h.shape, device=h.device, dtype=h.dtype)
-        tangent = u if h_tangent is None else h_tangent + u
+        tangent = u if h_tangent is None else h_tangent.add_(u)
         hs.append(h)
         drawn.append(u)
     logits, t = forward_with_tangent(model.head, h.detach(), tangent)
