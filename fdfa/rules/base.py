@@ -54,10 +54,6 @@ class LearningRule(nn.Module):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         raise NotImplementedError
 
-    def extra_state_for_checkpoint(self) -> dict:
-        """State outside ``state_dict()`` (e.g. a feedback optimizer); empty by default."""
-        return {}
-
     def local_forward(self, x: torch.Tensor):
         """Forward with every block's input detached, so each block's graph is its own."""
         return local_forward(self.model, x)

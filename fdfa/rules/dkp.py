@@ -24,6 +24,3 @@ class DKP(DirectFeedbackRule):
             b.grad = (e.t() @ h.detach().flatten(1)).view_as(b)
         self.feedback_optimizer.step()
         return StepOutput(loss.detach(), logits.detach())
-
-    def extra_state_for_checkpoint(self) -> dict:
-        return {"feedback_optimizer": self.feedback_optimizer.state_dict()}

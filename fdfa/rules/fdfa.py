@@ -90,8 +90,3 @@ class FDFA(DirectFeedbackRule):
             for b, j in zip(self.feedback, estimates):
                 b.grad = b - j
             self.feedback_optimizer.step()
-
-    def extra_state_for_checkpoint(self) -> dict:
-        if self.feedback_optimizer is None:
-            return {}
-        return {"feedback_optimizer": self.feedback_optimizer.state_dict()}
