@@ -6,7 +6,8 @@
 Step times are medians over ``--steps`` steps after ``--warmup`` steps, with rules interleaved
 round by round so that machine noise hits them alike; ratios to BP come from the same process.
 Memory: on CUDA the peak allocated during the steps; everywhere the bytes of state the rule keeps
-(parameters, feedback, optimizer moments).
+(parameters, feedback, optimizer moments). ``--metrics-overhead`` adds the cost of the alignment
+metrics at their default interval, as a ratio of training time with them to training time without.
 """
 
 from __future__ import annotations
@@ -108,6 +109,46 @@ def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=()):
     return rows
 
 
+def bench_metrics_overhead(model_name, rules, device, every_n_steps=None, repeats=3):
+    """Training time with the alignment metrics at the default interval over training time without:
+    1 + (median seconds of one measure / every_n_steps) / median seconds of one step."""
+    shape, classes, batch = SHAPES[model_name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=g).to(device)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    rows = []
+    for name in rules:
+        cfg = _compose([f"algorithm={name}", f"model={model_name}"])
+        torch.manual_seed(0)
+        model = instantiate(cfg.model, input_shape=shape, num_classes=classes).to(device)
+        rule = instantiate(cfg.algorithm, model=model)
+        optimizer = instantiate(cfg.optimizer)(model.parameters())
+        metrics = instantiate(cfg.metrics)
+        every = every_n_steps or metrics.every_n_steps
+        steps, measures = [], []
+        for i in range(10 + 20 * repeats):
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            rule.train_step(x, y)
+            _sync(device)
+            t1 = time.perf_counter()
+            if i >= 10 and i % 20 == 0:
+                metrics.measure(rule, x, y)
+                _sync(device)
+                measures.append(time.perf_counter() - t1)
+            optimizer.step()
+            _sync(device)
+            if i >= 10:
+                steps.append(time.perf_counter() - t0 - (measures[-1] if i % 20 == 0 else 0))
+        step, measure = statistics.median(steps), statistics.median(measures)
+        rows.append({
+            "model": model_name, "algorithm": name, "every_n_steps": every,
+            "measure_in_steps": measure / step, "overhead_ratio": 1 + measure / every / step,
+        })  # fmt: skip
+    return rows
+
+
 def bench_epochs(rules, root, device, epochs=1):
     """MNIST FC-2 (batch 64): seconds per epoch (train + test, start-up excluded) and accuracy."""
     rows = []
@@ -147,6 +188,9 @@ def main(argv=None):
     parser.add_argument("--epoch-rules", nargs="*", default=["bp", "dfa", "dkp", "fdfa"],
                         help="rules for the MNIST epoch timing (none: skip it)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument(
+        "--metrics-overhead", action="store_true", help="also time the alignment metrics"
+    )
     parser.add_argument("--data-root", default=None, help="MNIST root (default: dataset.root)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -164,6 +208,13 @@ def main(argv=None):
         print(f"\n## {model_name} ({device})\n")
         print(table(rows, ["algorithm", "batch", "step_ms", "ratio_to_bp", "state_mb",
                            "peak_cuda_mb"]))  # fmt: skip
+    if args.metrics_overhead:
+        results["metrics"] = []
+        for model_name in args.models:
+            results["metrics"] += bench_metrics_overhead(model_name, rules, device)
+        print(f"\n## alignment metrics at their default interval ({device})\n")
+        print(table(results["metrics"], ["model", "algorithm", "every_n_steps",
+                                         "measure_in_steps", "overhead_ratio"]))  # fmt: skip
     if args.epoch_rules:
         root = args.data_root or _compose([]).dataset.root
         results["epochs"] = bench_epochs(args.epoch_rules, root, device, args.epochs)
