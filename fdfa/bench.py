@@ -58,21 +58,30 @@ def _state_bytes(rule, optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=()):
-    """Median seconds per training step (zero_grad + train_step + optimizer.step) for each rule."""
+def _synthetic_batch(model_name, device, batch=None):
+    """A fixed random batch of the network's benchmark shape: (x, y, batch size)."""
     shape, classes, default_batch = SHAPES[model_name]
     batch = batch or default_batch
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
-    built = {}
-    for name in rules:
-        cfg = _compose([f"algorithm={name}", f"model={model_name}", *extra])
-        torch.manual_seed(0)
-        model = instantiate(cfg.model, input_shape=shape, num_classes=classes).to(device)
-        rule = instantiate(cfg.algorithm, model=model)
-        optimizer = instantiate(cfg.optimizer)(model.parameters())
-        built[name] = (rule, optimizer)
+    return x, y, batch
+
+
+def _build(model_name, rule_name, device, extra=()):
+    """(config, rule, forward optimizer) as run.py would build them, seeded alike for every rule."""
+    shape, classes, _ = SHAPES[model_name]
+    cfg = _compose([f"algorithm={rule_name}", f"model={model_name}", *extra])
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, input_shape=shape, num_classes=classes).to(device)
+    rule = instantiate(cfg.algorithm, model=model)
+    return cfg, rule, instantiate(cfg.optimizer)(model.parameters())
+
+
+def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=()):
+    """Median seconds per training step (zero_grad + train_step + optimizer.step) for each rule."""
+    x, y, batch = _synthetic_batch(model_name, device, batch)
+    built = {name: _build(model_name, name, device, extra)[1:] for name in rules}
 
     def step(rule, optimizer):
         optimizer.zero_grad(set_to_none=True)
@@ -112,17 +121,10 @@ def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=()):
 def bench_metrics_overhead(model_name, rules, device, every_n_steps=None, repeats=3):
     """Training time with the alignment metrics at the default interval over training time without:
     1 + (median seconds of one measure / every_n_steps) / median seconds of one step."""
-    shape, classes, batch = SHAPES[model_name]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *shape, generator=g).to(device)
-    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    x, y, _ = _synthetic_batch(model_name, device)
     rows = []
     for name in rules:
-        cfg = _compose([f"algorithm={name}", f"model={model_name}"])
-        torch.manual_seed(0)
-        model = instantiate(cfg.model, input_shape=shape, num_classes=classes).to(device)
-        rule = instantiate(cfg.algorithm, model=model)
-        optimizer = instantiate(cfg.optimizer)(model.parameters())
+        cfg, rule, optimizer = _build(model_name, name, device)
         metrics = instantiate(cfg.metrics)
         every = every_n_steps or metrics.every_n_steps
         steps, measures = [], []

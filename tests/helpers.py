@@ -3,6 +3,7 @@ composition with the Hydra API."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
+from torch.func import replace_all_batch_norm_modules_
 
 from fdfa.data import TensorData
 from fdfa.models import BlockNet
@@ -60,6 +62,22 @@ class TinyUserNet(BlockNet):
             [nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.Tanh())]
         )
         self.head = nn.Linear(hidden, num_classes)
+
+
+def logits_given_offsets(model: nn.Module, x: torch.Tensor):
+    """f(*offsets) = the logits when offset_l is added to each block output h_l, on a copy whose
+    BatchNorm uses batch statistics without touching buffers: jvp(f, zeros, us) = sum_l J_l u_l,
+    the reference for every forward-mode tangent."""
+    ref = copy.deepcopy(model)
+    replace_all_batch_norm_modules_(ref)
+
+    def f(*offsets):
+        h = x
+        for block, offset in zip(ref.blocks, offsets):
+            h = block(h) + offset
+        return ref.head(h)
+
+    return f
 
 
 def synthetic_overrides(*extra: str) -> list[str]:

@@ -14,7 +14,7 @@ from fdfa.models import FCNet, ShallowCNN
 from fdfa.rules import BP, DFA, DKP, FDFA, FGA, FGW
 from fdfa.rules.base import perturbed_forward
 from fdfa.train import train
-from tests.helpers import compose_config, run_cli, synthetic_overrides
+from tests.helpers import compose_config, logits_given_offsets, run_cli, synthetic_overrides
 
 NETS = {
     "fc": lambda: FCNet((1, 8, 8), 10, n_layers=2, width=12),
@@ -101,17 +101,10 @@ def test_perturbed_forward_tangents_are_sums_of_jvps(net):
     hs, us, logits, t = perturbed_forward(model, x, 3)
     assert t.shape == (3, len(x), 10) and [u.shape[:2] for u in us] == [(3, len(x))] * len(hs)
 
-    ref = batch_stats_copy(model)
-
-    def logits_given_offsets(*offsets):
-        h = x
-        for block, offset in zip(ref.blocks, offsets):
-            h = block(h) + offset
-        return ref.head(h)
-
+    f = logits_given_offsets(model, x)
     zeros = tuple(torch.zeros_like(h) for h in hs)
     for i in range(3):
-        expected_logits, expected_t = jvp(logits_given_offsets, zeros, tuple(u[i] for u in us))
+        expected_logits, expected_t = jvp(f, zeros, tuple(u[i] for u in us))
         torch.testing.assert_close(t[i], expected_t, rtol=1e-4, atol=1e-5)
         _, _, logits_1, t_1 = perturbed_forward(model, x, 1, [u[i : i + 1] for u in us])
         torch.testing.assert_close(t_1[0], t[i], rtol=1e-4, atol=1e-5)

@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import jvp, replace_all_batch_norm_modules_
+from torch.func import jvp
 
 from fdfa.models import FCNet, ShallowCNN
 from fdfa.rules import BP, DFA, DKP, FDFA
 from fdfa.rules.base import project_error
+from tests.helpers import logits_given_offsets
 
 torch.set_default_dtype(torch.float32)
 
@@ -169,17 +170,8 @@ def test_fdfa_tangent_is_sum_of_jacobian_vector_products(net):
     x, _ = make_batch(SHAPES[net])
     hs, us, logits, t = rule.dual_forward(x)
 
-    ref = copy.deepcopy(model)
-    replace_all_batch_norm_modules_(ref)  # batch statistics without mutating running buffers
-
-    def logits_given_offsets(*offsets):
-        h = x
-        for block, offset in zip(ref.blocks, offsets):
-            h = block(h) + offset
-        return ref.head(h)
-
     zeros = tuple(torch.zeros_like(u) for u in us)
-    expected_logits, expected_t = jvp(logits_given_offsets, zeros, tuple(us))
+    expected_logits, expected_t = jvp(logits_given_offsets(model, x), zeros, tuple(us))
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(t, expected_t, rtol=1e-4, atol=1e-5)
 

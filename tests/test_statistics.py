@@ -95,6 +95,18 @@ def group_mse(samples, truth, m):
     return (groups - truth).flatten(1).square().sum(1).mean().item()
 
 
+def assert_one_over_sqrt_law(singles, target, label):
+    """Unbiased => M * MSE_M = tr(Cov) = MSE_1 for every group size M (the 1/sqrt(M) law).
+
+    Over the K/M groups the ratio's standard error is <= 0.04 at M = 16 and <= 0.09 at M = 256
+    (measured; fewest dof in FDFA's 3-unit CNN block), so [0.6, 1.6] is >= 4.4 standard errors;
+    a bias b adds M |b|^2 / MSE_1 and fails at large M."""
+    mse_1 = group_mse(singles, target, 1)
+    for m in (16, 256):
+        ratio = m * group_mse(singles, target, m) / mse_1
+        assert 0.6 < ratio < 1.6, f"{label}, M={m}: M * MSE_M / MSE_1 = {ratio:.3f}"
+
+
 # --- FG-W -----------------------------------------------------------------------------------------
 
 
@@ -178,14 +190,7 @@ def test_fg_a_activity_estimates_are_unbiased_and_shrink_like_one_over_sqrt_samp
         singles = d[..., None] * u.flatten(2)  # [k, batch, D]: one estimate per direction
         torch.testing.assert_close(mean_est.flatten(1), singles.mean(0), rtol=1e-4, atol=1e-7)
         assert cos(mean_est, target) >= 0.99, f"block {i}"
-        # Unbiased => M * MSE_M = tr(Cov) = MSE_1 for every group size M (the 1/sqrt(M) law).
-        # Over the K/M groups the ratio's standard error is <= 0.04 at M = 16 and <= 0.09 at
-        # M = 256 (measured; fewest dof in FDFA's 3-unit CNN block), so [0.6, 1.6] is >= 4.4
-        # standard errors; a bias b adds M |b|^2 / MSE_1 and fails at large M.
-        mse_1 = group_mse(singles, target, 1)
-        for m in (16, 256):
-            ratio = m * group_mse(singles, target, m) / mse_1
-            assert 0.6 < ratio < 1.6, f"block {i}, M={m}: M * MSE_M / MSE_1 = {ratio:.3f}"
+        assert_one_over_sqrt_law(singles, target, f"block {i}")
 
 
 def test_fg_a_per_sample_under_batchnorm_misses_the_cross_sample_paths():
@@ -225,11 +230,7 @@ def test_fdfa_jacobian_estimate_is_unbiased(net):
         singles = torch.einsum("knc,knd->kcd", t, u.flatten(2)) / len(x)  # one Ĵ per direction
         torch.testing.assert_close(b.flatten(1), singles.mean(0), rtol=1e-4, atol=1e-6)
         assert cos(b, target) >= 0.99, f"block {i}"
-        # As for FG-A: M * MSE_M / MSE_1 = 1 when unbiased (same bound, same reasoning).
-        mse_1 = group_mse(singles, target, 1)
-        for m in (16, 256):
-            ratio = m * group_mse(singles, target, m) / mse_1
-            assert 0.6 < ratio < 1.6, f"block {i}, M={m}: M * MSE_M / MSE_1 = {ratio:.3f}"
+        assert_one_over_sqrt_law(singles, target, f"block {i}")
     torch.testing.assert_close(targets[-1], model.head.weight.detach())  # J_L is W_out
 
 

@@ -92,8 +92,8 @@ class DirectFeedbackRule(LearningRule):
     def __init__(self, model: nn.Module, init: str = "zeros"):
         super().__init__(model)
         params = []
+        ref = next(model.parameters())  # feedback lives on the model's device, in its dtype
         for shape in hidden_shapes(model):
-            ref = next(model.parameters())
             b = torch.empty(model.num_classes, *shape, device=ref.device, dtype=ref.dtype)
             if init == "kaiming":
                 nn.init.kaiming_uniform_(b)
