@@ -22,6 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from fdfa.cuda_graph import GraphedSteps
 from fdfa.train import train
 from fdfa.validate import CONF_DIR
 
@@ -32,6 +33,7 @@ SHAPES = {
     "cnn_ref": ((1, 28, 28), 10, 64),
     "alexnet": ((3, 224, 224), 100, 16),  # CIFAR-100 resized; batch 16 keeps CPU runs short
 }
+GPU_BATCH = {"alexnet": 128}  # on a GPU, the reference's batch
 
 
 def algorithms() -> list[str]:
@@ -49,18 +51,27 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _rule_optimizers(rule) -> list:
+    return [v for v in vars(rule).values() if isinstance(v, torch.optim.Optimizer)]
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _state_bytes(rule, optimizer) -> int:
     tensors = list(rule.state_dict().values())
-    for opt in [optimizer, getattr(rule, "feedback_optimizer", None)]:
-        if opt is not None:
-            for state in opt.state.values():
-                tensors += [v for v in state.values() if torch.is_tensor(v)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    for opt in [optimizer, *_rule_optimizers(rule)]:
+        for state in opt.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+    return _tensor_bytes(tensors)
 
 
 def _synthetic_batch(model_name, device, batch=None):
     """A fixed random batch of the network's benchmark shape: (x, y, batch size)."""
     shape, classes, default_batch = SHAPES[model_name]
+    if device.type == "cuda":
+        default_batch = GPU_BATCH.get(model_name, default_batch)
     batch = batch or default_batch
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=g).to(device)
@@ -78,26 +89,36 @@ def _build(model_name, rule_name, device, extra=()):
     return cfg, rule, instantiate(cfg.optimizer)(model.parameters())
 
 
-def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=()):
-    """Median seconds per training step (zero_grad + train_step + optimizer.step) for each rule."""
+def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=(), cuda_graph=False):
+    """Median seconds per training step (zero_grad + train_step + optimizer.step) for each rule;
+    with ``cuda_graph`` each step is replayed as a CUDA graph, as the trainer does on a GPU."""
     x, y, batch = _synthetic_batch(model_name, device, batch)
     built = {name: _build(model_name, name, device, extra)[1:] for name in rules}
+    graphs = {
+        id(rule): GraphedSteps(rule, opt, [opt, *_rule_optimizers(rule)], batch, cuda_graph)
+        for rule, opt in built.values()
+    }  # fmt: skip
 
     def step(rule, optimizer):
-        optimizer.zero_grad(set_to_none=True)
-        rule.train_step(x, y)
-        optimizer.step()
+        graphed = graphs[id(rule)]
+        if graphed.replay(x, y) is None:
+            with graphed.eager():
+                optimizer.zero_grad(set_to_none=True)
+                rule.train_step(x, y)
+                optimizer.step()
 
     times = {name: [] for name in rules}
     peak = {}
     for name, (rule, optimizer) in built.items():
-        if device.type == "cuda":
+        if device.type == "cuda":  # this rule's peak: its tensors + what its steps allocate
+            _sync(device)
             torch.cuda.reset_peak_memory_stats(device)
+            others = torch.cuda.memory_allocated(device) - _tensor_bytes(rule.state_dict().values())
         for _ in range(warmup):
             step(rule, optimizer)
         _sync(device)
-        if device.type == "cuda":
-            peak[name] = torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda":  # (a CUDA graph's memory pool included)
+            peak[name] = torch.cuda.max_memory_allocated(device) - others
     for _ in range(steps):  # round-robin: every rule sees the same machine conditions
         for name, (rule, optimizer) in built.items():
             _sync(device)
@@ -111,7 +132,7 @@ def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=()):
         median = statistics.median(times[name])
         rows.append({
             "model": model_name, "algorithm": name, "batch": batch,
-            "step_ms": 1e3 * median, "ratio_to_bp": median / bp,
+            "cuda_graph": cuda_graph, "step_ms": 1e3 * median, "ratio_to_bp": median / bp,
             "state_mb": _state_bytes(rule, optimizer) / 2**20,
             "peak_cuda_mb": peak[name] / 2**20 if name in peak else None,
         })  # fmt: skip
@@ -151,13 +172,13 @@ def bench_metrics_overhead(model_name, rules, device, every_n_steps=None, repeat
     return rows
 
 
-def bench_epochs(rules, root, device, epochs=1):
+def bench_epochs(rules, root, device, epochs=1, overrides=()):
     """MNIST FC-2 (batch 64): seconds per epoch (train + test, start-up excluded) and accuracy."""
     rows = []
     for name in rules:
         cfg = _compose([f"algorithm={name}", f"dataset.root={root}", f"trainer.epochs={epochs}",
                         f"trainer.device={device.type}", "logger=none", "trainer.progress=false",
-                        "trainer.resume=never"])  # fmt: skip
+                        "trainer.resume=never", *overrides])  # fmt: skip
         out = Path("outputs") / "bench" / name
         summary = train(cfg, out)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -194,6 +215,17 @@ def main(argv=None):
         "--metrics-overhead", action="store_true", help="also time the alignment metrics"
     )
     parser.add_argument("--data-root", default=None, help="MNIST root (default: dataset.root)")
+    parser.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="on a GPU, time eager steps (default: CUDA graphs, as the trainer)",
+    )
+    parser.add_argument(
+        "--epoch-overrides",
+        nargs="*",
+        default=[],
+        help="config overrides for the epoch runs, e.g. trainer.cuda_graph=false",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -205,9 +237,10 @@ def main(argv=None):
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     for model_name in args.models:
-        rows = bench_steps(model_name, rules, args.steps, args.warmup, device)
+        graph = device.type == "cuda" and not args.no_cuda_graph
+        rows = bench_steps(model_name, rules, args.steps, args.warmup, device, cuda_graph=graph)
         results["steps"] += rows
-        print(f"\n## {model_name} ({device})\n")
+        print(f"\n## {model_name} ({device}{', CUDA graphs' if graph else ''})\n")
         print(table(rows, ["algorithm", "batch", "step_ms", "ratio_to_bp", "state_mb",
                            "peak_cuda_mb"]))  # fmt: skip
     if args.metrics_overhead:
@@ -219,7 +252,9 @@ def main(argv=None):
                                          "measure_in_steps", "overhead_ratio"]))  # fmt: skip
     if args.epoch_rules:
         root = args.data_root or _compose([]).dataset.root
-        results["epochs"] = bench_epochs(args.epoch_rules, root, device, args.epochs)
+        results["epochs"] = bench_epochs(
+            args.epoch_rules, root, device, args.epochs, args.epoch_overrides
+        )
         print(f"\n## MNIST FC-2, batch 64, {args.epochs} epoch(s) ({device})\n")
         print(table(results["epochs"], ["algorithm", "epochs", "epoch_s", "test_acc"]))
     if args.out:

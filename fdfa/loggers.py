@@ -21,7 +21,10 @@ class CSVLogger:
     """metrics.csv in the run dir: one row per record (evaluations, and alignment measurements
     when metrics are on). A record with keys not seen before adds columns: the file is rewritten
     with them, earlier rows leaving them empty. The file is rewritten from the first record on (a
-    resumed run replays its records)."""
+    resumed run replays its records). Columns: FIRST_COLUMNS, then the rest sorted by name, so
+    the layout does not depend on which kind of record came first."""
+
+    FIRST_COLUMNS = ("step", "epoch", "train/loss", "test/loss", "test/acc", "lr", "time_s")
 
     def __init__(self, out_dir: str, filename: str = "metrics.csv", **_):
         self.path = Path(out_dir) / filename
@@ -33,7 +36,10 @@ class CSVLogger:
         self._rows.append(row)
         new_fields = [k for k in row if k not in self._fields]
         rewrite = len(self._rows) == 1 or bool(new_fields)
-        self._fields += new_fields
+        if new_fields:
+            first = [k for k in self.FIRST_COLUMNS if k in self._fields or k in new_fields]
+            rest = sorted(k for k in {*self._fields, *new_fields} if k not in self.FIRST_COLUMNS)
+            self._fields = first + rest
         with self.path.open("w" if rewrite else "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self._fields)
             if rewrite:

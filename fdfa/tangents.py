@@ -75,12 +75,18 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x, t):
     y, mean, inv_std = torch.native_batch_norm(
         x, m.weight, m.bias, m.running_mean, m.running_var, True, momentum, m.eps
     )
-    with torch.no_grad():  # d x_hat = (t - mean(t) - x_hat * mean(x_hat * t)) / std
-        dims = [0] + list(range(2, x.dim()))
-        tdims = [d + 1 for d in dims] if _stacked(x, t) else dims
+    with torch.no_grad():
+        if not _stacked(x, t):
+            # BatchNorm's input Jacobian in training mode is self-adjoint, so J t is the fused
+            # backward kernel applied to t: (t - mean(t) - x_hat * mean(x_hat * t)) * gamma / std
+            only_input = [True, False, False]
+            return y, torch.ops.aten.native_batch_norm_backward(
+                t, x.detach(), m.weight, None, None, mean, inv_std, True, m.eps, only_input
+            )[0]
+        dims = [d + 1 for d in [0] + list(range(2, x.dim()))]  # per direction: batch (+ space)
         x_hat = (x.detach() - mean.view(shape)) * inv_std.view(shape)
         centre = torch.addcmul(
-            t.mean(tdims, keepdim=True), x_hat, (x_hat * t).mean(tdims, keepdim=True)
+            t.mean(dims, keepdim=True), x_hat, (x_hat * t).mean(dims, keepdim=True)
         )
         scale = inv_std * m.weight if m.affine else inv_std
         return y, (t - centre).mul_(scale.view(shape))
@@ -88,7 +94,8 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x, t):
 
 def _relu(m, x, t):
     y = m(x)
-    return y, t * (y > 0)
+    with torch.no_grad():  # t where y > 0, else 0: one fused kernel
+        return y, torch.ops.aten.threshold_backward(t, y.detach(), 0)
 
 
 def _tanh(m, x, t):

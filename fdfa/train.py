@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from fdfa import checkpoint
+from fdfa.cuda_graph import GraphedSteps
 from fdfa.errors import DivergedError, FdfaError
 from fdfa.validate import validate_config
 
@@ -102,6 +103,11 @@ class Run:
         self.scheduler = instantiate(cfg.scheduler)(self.optimizer)
         # alignment metrics on the side of training (conf/metrics/); none without a metrics group
         self.metrics = instantiate(cfg.metrics) if cfg.get("metrics") else None
+        self.graphed = GraphedSteps(
+            self.rule, self.optimizer, list(self._optimizers().values()),
+            batch_size=self.data.batch_size,
+            enabled=self.device.type == "cuda" and bool(cfg.trainer.get("cuda_graph", True)),
+        )  # fmt: skip
         self.names = {
             "algorithm": type(self.rule).__name__.lower(),
             "model": type(self.model).__name__.lower(),
@@ -258,12 +264,19 @@ class Run:
             self._train_epoch()
             self._end_epoch()
 
+    # Checking a loss for NaN/inf reads it back from the device. On the CPU that is free, so every
+    # step is checked; on a GPU it would stall the queue of kernels each step, so the losses stay
+    # on the device and are checked every LOSS_CHECK_EVERY steps and before any metrics,
+    # checkpoint or evaluation. Either way the error names the first step whose loss diverged.
+    LOSS_CHECK_EVERY = {"cpu": 1, "cuda": 100}
+
     def _train_epoch(self) -> None:
         """The rest of the current epoch (all of it, unless resumed mid-epoch or capped)."""
         p, cfg, rule, optimizer = self.progress, self.cfg.trainer, self.rule, self.optimizer
         max_steps = cfg.max_steps or float("inf")
         ckpt_every = cfg.get("ckpt_every_n_steps") or 0
-        lr = optimizer.param_groups[0]["lr"]
+        check_every = self.LOSS_CHECK_EVERY.get(self.device.type, 1)
+        unchecked: list[torch.Tensor] = []  # losses of the steps since the last check
         loss_sum = torch.zeros((), device=self.device)
         self.model.train()
         t0 = time.perf_counter()
@@ -273,24 +286,29 @@ class Run:
             disable=None if cfg.progress else True,
         )  # fmt: skip
         for x, y in batches:
-            optimizer.zero_grad(set_to_none=True)
-            out = rule.train_step(x, y)
-            if not torch.isfinite(out.loss):
-                raise DivergedError(
-                    f"training diverged: loss is {out.loss.item()} at step {p.step + 1} "
-                    f"(epoch {p.epoch}, lr {lr:g}); lower optimizer.lr"
-                )
-            if self.metrics is not None and self.metrics.due(p.step + 1):
-                t_metrics = time.perf_counter()
-                measured = self.metrics.measure(rule, x, y)  # .grad holds the rule's update
-                self.log({"epoch": p.epoch, "step": p.step + 1, **measured})
-                t0 += time.perf_counter() - t_metrics  # keeps them out of train/samples_per_s
-            optimizer.step()
-            loss_sum += out.loss
+            measure = self.metrics is not None and self.metrics.due(p.step + 1)
+            loss = None if measure else self.graphed.replay(x, y)  # the whole step, or None
+            if loss is not None:
+                unchecked.append(loss)
+            else:  # eager: the rule fills .grad, the optimizer steps
+                with self.graphed.eager():
+                    optimizer.zero_grad(set_to_none=True)
+                    unchecked.append(rule.train_step(x, y).loss)
+                    if measure or len(unchecked) >= check_every:  # before the weights change
+                        loss_sum += self._check_losses(unchecked, p.step + 1)
+                    if measure:
+                        t_metrics = time.perf_counter()
+                        measured = self.metrics.measure(rule, x, y)  # .grad: the rule's update
+                        self.log({"epoch": p.epoch, "step": p.step + 1, **measured})
+                        t0 += time.perf_counter() - t_metrics  # out of train/samples_per_s
+                    optimizer.step()
+            if len(unchecked) >= check_every:
+                loss_sum += self._check_losses(unchecked, p.step + 1)
             p.batch += 1
             p.step += 1
             p.train_samples += len(y)
             if ckpt_every and p.step % ckpt_every == 0:
+                loss_sum += self._check_losses(unchecked, p.step)
                 p.loss_sum += loss_sum.item()
                 loss_sum.zero_()
                 p.train_time += time.perf_counter() - t0
@@ -298,8 +316,27 @@ class Run:
                 self.save_checkpoint()
             if p.step >= max_steps:
                 break
+        loss_sum += self._check_losses(unchecked, p.step)
         p.loss_sum += loss_sum.item()  # one sync per epoch
         p.train_time += time.perf_counter() - t0
+
+    def _check_losses(self, losses: list[torch.Tensor], last_step: int) -> torch.Tensor:
+        """Raise DivergedError at the first non-finite loss among ``losses`` (the steps up to
+        ``last_step``); else return their sum (on the device). Empties ``losses``."""
+        if not losses:
+            return torch.zeros((), device=self.device)
+        stacked = torch.stack(losses)
+        first_step = last_step - len(losses) + 1
+        losses.clear()
+        finite = torch.isfinite(stacked)
+        if not finite.all():
+            i = int((~finite).nonzero()[0])
+            lr = self.optimizer.param_groups[0]["lr"]
+            raise DivergedError(
+                f"training diverged: loss is {stacked[i].item()} at step {first_step + i} "
+                f"(epoch {self.progress.epoch}, lr {lr:g}); lower optimizer.lr"
+            )
+        return stacked.sum()
 
     def _end_epoch(self) -> None:
         p = self.progress
@@ -336,6 +373,7 @@ class Run:
             "steps": p.step,
             "wall_s": p.wall_time,
             "train/samples_per_s": p.train_samples / p.train_time if p.train_time else None,
+            "device": str(self.device),  # s / epoch and samples / s mean little without it
         }
 
 

@@ -60,6 +60,7 @@ CHECKS = {
         lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
         "auto, cpu or cuda",
     ),
+    "trainer.cuda_graph": (lambda v: isinstance(v, bool), "true or false"),
     "metrics.every_n_steps": (
         lambda v: v is None or (_integer(v) and v >= 1),
         "null or an integer >= 1",

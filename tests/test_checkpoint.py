@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fdfa import checkpoint
-from fdfa.errors import FdfaError
+from fdfa.errors import DivergedError, FdfaError
 from fdfa.rules import FDFA
 from fdfa.train import Run, train
 from tests.helpers import REPO, compose_config, run_cli, synthetic_overrides
@@ -166,3 +166,16 @@ def test_divergence_stops_at_once_with_a_clear_line(tmp_path):
     assert "at step" in lines[0] and "lr 1e+12" in lines[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged"
+
+
+def test_deferred_loss_checks_name_the_same_first_diverged_step(tmp_path, monkeypatch):
+    """On a GPU the losses are checked every LOSS_CHECK_EVERY steps, not each step (a check is a
+    device sync); the error must still name the first step whose loss was not finite."""
+    overrides = synthetic_overrides("optimizer=sgd", "optimizer.lr=1e12", "algorithm=bp")
+    messages = []
+    for every in (1, 7):
+        monkeypatch.setattr(Run, "LOSS_CHECK_EVERY", {"cpu": every})
+        with pytest.raises(DivergedError) as err:
+            train(compose_config(overrides), tmp_path / str(every))
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "at step" in messages[0]

@@ -63,6 +63,7 @@ def test_cli_corrupt_checkpoint(tmp_path):
         ("dataset.batch_size=1.5", "dataset.batch_size must be an integer >= 1, got 1.5"),
         ("trainer.epochs=0", "trainer.epochs must be an integer >= 1, got 0"),
         ("trainer.device=tpu", "trainer.device must be auto, cpu or cuda"),
+        ("trainer.cuda_graph=maybe", "trainer.cuda_graph must be true or false"),
         ("algorithm.feedback_update=sgd", "algorithm.feedback_update must be adam or ema"),
         ("dataset.augment=yes", "dataset.augment must be none or flip_crop"),
         ("trainer.resume=/no/such.ckpt", "trainer.resume=/no/such.ckpt: no such checkpoint file"),

@@ -76,17 +76,21 @@ class FDFA(DirectFeedbackRule):
             t, us = t.flatten(0, 1), [u.flatten(0, 1) for u in us]
         loss = self.loss(logits, y)
         self.inject_and_backward(hs, logits, loss)
-        self.update_feedback(self.jacobian_estimates(t.detach(), us))
+        self.update_feedback(t.detach(), us)
         return StepOutput(loss.detach(), logits.detach())
 
     @torch.no_grad()
-    def update_feedback(self, estimates):
-        if self.feedback_update == "ema":
-            for b, j in zip(self.feedback, estimates):
+    def update_feedback(self, t, us):
+        """Fold this step's Ĵ_l = t^T u_l / batch into B_l, one GEMM per block: the EMA as
+        B_l <- momentum B_l + (1 - momentum) Ĵ_l in place, Adam's gradient as B_l - Ĵ_l."""
+        n, tt = t.shape[0], t.t()
+        for b, u in zip(self.feedback, us):
+            b_flat = b.view(b.shape[0], -1)
+            if self.feedback_update == "ema":
                 if self.feedback_decay:
                     b.mul_(1 - self.feedback_decay)
-                b.mul_(self.momentum).add_(j, alpha=1 - self.momentum)
-        else:
-            for b, j in zip(self.feedback, estimates):
-                b.grad = b - j
+                b_flat.addmm_(tt, u.flatten(1), beta=self.momentum, alpha=(1 - self.momentum) / n)
+            else:
+                b.grad = torch.addmm(b_flat, tt, u.flatten(1), alpha=-1.0 / n).view_as(b)
+        if self.feedback_update == "adam":
             self.feedback_optimizer.step()
