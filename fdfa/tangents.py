@@ -66,23 +66,26 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x, t):
         with torch.no_grad():
             scale = torch.rsqrt(m.running_var + m.eps) * (m.weight if m.affine else 1.0)
             return y, t * scale.view(shape)
-    # Batch statistics, as the module's forward (same op, same running-statistics update), but
-    # keeping the batch mean and 1/std that the tangent needs.
+    # Batch statistics, as the module's forward: the same op (cuDNN's kernel on a GPU, the native
+    # one on the CPU) and the same running-statistics update, keeping the batch mean and 1/std.
     momentum = 0.0
     if m.training and m.track_running_stats and m.num_batches_tracked is not None:
         m.num_batches_tracked.add_(1)
         momentum = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
-    y, mean, inv_std = torch.native_batch_norm(
-        x, m.weight, m.bias, m.running_mean, m.running_var, True, momentum, m.eps
-    )
+    y, mean, inv_std, reserve, impl = torch._batch_norm_impl_index(
+        x, m.weight, m.bias, m.running_mean, m.running_var, True, momentum, m.eps,
+        torch.backends.cudnn.enabled,
+    )  # fmt: skip
     with torch.no_grad():
         if not _stacked(x, t):
-            # BatchNorm's input Jacobian in training mode is self-adjoint, so J t is the fused
-            # backward kernel applied to t: (t - mean(t) - x_hat * mean(x_hat * t)) * gamma / std
+            # BatchNorm's input Jacobian in training mode is self-adjoint, so J t is the backward
+            # kernel of the same implementation applied to t:
+            # (t - mean(t) - x_hat * mean(x_hat * t)) * gamma / std
             only_input = [True, False, False]
-            return y, torch.ops.aten.native_batch_norm_backward(
-                t, x.detach(), m.weight, None, None, mean, inv_std, True, m.eps, only_input
-            )[0]
+            return y, torch.ops.aten._batch_norm_impl_index_backward(
+                impl, x.detach(), t, m.weight, m.running_mean, m.running_var, mean, inv_std, True,
+                m.eps, only_input, reserve,
+            )[0]  # fmt: skip
         dims = [d + 1 for d in [0] + list(range(2, x.dim()))]  # per direction: batch (+ space)
         x_hat = (x.detach() - mean.view(shape)) * inv_std.view(shape)
         centre = torch.addcmul(

@@ -14,7 +14,7 @@ import torch
 
 from fdfa.models import FCNet, ShallowCNN
 from fdfa.rules import BP, DFA, DKP, FDFA
-from fdfa.rules.base import dual_forward
+from fdfa.rules.base import dual_forward, perturbed_forward
 from fdfa.train import Run, train
 from tests.helpers import compose_config, synthetic_overrides
 
@@ -75,6 +75,20 @@ def test_fdfa_tangent_and_estimates_on_cuda_as_on_cpu(net):
         FDFA.jacobian_estimates(gpu_t, [u.cuda() for u in us]), FDFA.jacobian_estimates(t, us)
     ):
         assert_close_rel(j_gpu, j_cpu)
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_stacked_tangents_on_cuda_as_on_cpu(net):
+    """k directions in one pass (FG-A, FDFA with n_directions > 1) take the other BatchNorm
+    branch: its formula runs on the GPU's saved statistics."""
+    make, shape = NETS[net]
+    torch.manual_seed(0)
+    model = make()
+    gpu_model = copy.deepcopy(model).cuda()
+    x, _ = batch(shape)
+    _, us, _, t = perturbed_forward(model, x, 3)
+    _, _, _, gpu_t = perturbed_forward(gpu_model, x.cuda(), 3, [u.cuda() for u in us])
+    assert_close_rel(gpu_t, t)
 
 
 def test_perturbations_are_drawn_on_the_gpu():
