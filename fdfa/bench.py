@@ -13,6 +13,7 @@ metrics at their default interval, as a ratio of training time with them to trai
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -89,17 +90,14 @@ def _build(model_name, rule_name, device, extra=()):
     return cfg, rule, instantiate(cfg.optimizer)(model.parameters())
 
 
-def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=(), cuda_graph=False):
-    """Median seconds per training step (zero_grad + train_step + optimizer.step) for each rule;
-    with ``cuda_graph`` each step is replayed as a CUDA graph, as the trainer does on a GPU."""
-    x, y, batch = _synthetic_batch(model_name, device, batch)
-    built = {name: _build(model_name, name, device, extra)[1:] for name in rules}
-    graphs = {
-        id(rule): GraphedSteps(rule, opt, [opt, *_rule_optimizers(rule)], batch, cuda_graph)
-        for rule, opt in built.values()
-    }  # fmt: skip
+def _graphed_step(x, y, cuda_graph):
+    """step(rule, optimizer) as the trainer takes it: a CUDA graph replay, or eager."""
+    graphs = {}
 
     def step(rule, optimizer):
+        if id(rule) not in graphs:
+            optimizers = [optimizer, *_rule_optimizers(rule)]
+            graphs[id(rule)] = GraphedSteps(rule, optimizer, optimizers, len(y), cuda_graph)
         graphed = graphs[id(rule)]
         if graphed.replay(x, y) is None:
             with graphed.eager():
@@ -107,18 +105,38 @@ def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=(), 
                 rule.train_step(x, y)
                 optimizer.step()
 
-    times = {name: [] for name in rules}
+    return step
+
+
+def peak_cuda_bytes(model_name, rule_name, device, x, y, steps, cuda_graph, extra=()) -> int:
+    """Peak CUDA memory of one rule trained alone: model, rule state, optimizer moments, and
+    what its steps allocate (a CUDA graph's memory pool included)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    _, rule, optimizer = _build(model_name, rule_name, device, extra)
+    step = _graphed_step(x, y, cuda_graph)
+    for _ in range(steps):
+        step(rule, optimizer)
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=(), cuda_graph=False):
+    """Median seconds per training step (zero_grad + train_step + optimizer.step) for each rule;
+    with ``cuda_graph`` each step is replayed as a CUDA graph, as the trainer does on a GPU."""
+    x, y, batch = _synthetic_batch(model_name, device, batch)
     peak = {}
-    for name, (rule, optimizer) in built.items():
-        if device.type == "cuda":  # this rule's peak: its tensors + what its steps allocate
-            _sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            others = torch.cuda.memory_allocated(device) - _tensor_bytes(rule.state_dict().values())
+    if device.type == "cuda":  # each rule alone; the first twice (CUDA and cuBLAS set-up)
+        for name in [rules[0], *rules]:
+            peak[name] = peak_cuda_bytes(model_name, name, device, x, y, warmup, cuda_graph, extra)
+    built = {name: _build(model_name, name, device, extra)[1:] for name in rules}
+    step = _graphed_step(x, y, cuda_graph)
+    times = {name: [] for name in rules}
+    for rule, optimizer in built.values():
         for _ in range(warmup):
             step(rule, optimizer)
-        _sync(device)
-        if device.type == "cuda":  # (a CUDA graph's memory pool included)
-            peak[name] = torch.cuda.max_memory_allocated(device) - others
     for _ in range(steps):  # round-robin: every rule sees the same machine conditions
         for name, (rule, optimizer) in built.items():
             _sync(device)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 
@@ -43,7 +44,7 @@ class GraphedSteps:
         self.replays = 0  # steps run by replaying the graph
         self.graph = None
         self.lrs = None  # the learning rates the graph was captured with
-        self.side_stream = torch.cuda.Stream() if enabled else None
+        self.side_stream = _warmup_stream(torch.cuda.current_device()) if enabled else None
 
     def replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Run the whole step on (x, y) by replaying the graph (capturing it first if needed) and
@@ -93,3 +94,9 @@ class GraphedSteps:
             out = self.rule.train_step(self.x, self.y)
             self.optimizer.step()
         self.graph, self.loss = graph, out.loss
+
+
+@cache
+def _warmup_stream(device: int) -> torch.cuda.Stream:
+    """One side stream per device for every warm-up (cuBLAS sets up a workspace per stream)."""
+    return torch.cuda.Stream(device)
