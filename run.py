@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fdfa.allocator import keep_freed_memory
 from fdfa.errors import FdfaError, find_fdfa_error
 from fdfa.sweep import job_callbacks
 from fdfa.train import train
@@ -41,4 +42,5 @@ if __name__ == "__main__":
     except FdfaError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    keep_freed_memory()  # no page-fault storms on CPU steps (fdfa/allocator.py)
     main()

@@ -23,6 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from fdfa.allocator import keep_freed_memory
 from fdfa.cuda_graph import GraphedSteps
 from fdfa.train import train
 from fdfa.validate import CONF_DIR
@@ -246,6 +247,7 @@ def main(argv=None):
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as run.py does: steps without page-fault storms (fdfa/allocator.py)
 
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -9,7 +9,7 @@ from torch.func import jvp
 
 from fdfa.models import FCNet, ShallowCNN
 from fdfa.rules import BP, DFA, DKP, FDFA
-from fdfa.rules.base import project_error
+from fdfa.rules.base import FeedbackAdam, project_error
 from tests.helpers import logits_given_offsets
 
 torch.set_default_dtype(torch.float32)
@@ -219,3 +219,33 @@ def test_fdfa_adam_update_follows_b_minus_estimate():
 def test_fdfa_rejects_unknown_feedback_update():
     with pytest.raises(ValueError, match="feedback_update"):
         FDFA(NETS["fc"](), feedback_update="sgd")
+
+
+def test_feedback_adam_update_is_torch_adam_step():
+    """FeedbackAdam.update() runs torch's fused Adam kernel on the same state: bit for bit the
+    numbers, and a state_dict torch.optim.Adam loads (and back)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(10, 6), (10, 3, 2, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g), requires_grad=False) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone(), requires_grad=False) for p in ours]
+    fast = FeedbackAdam(ours, lr=1e-2, weight_decay=1e-3)
+    slow = torch.optim.Adam(ref, lr=1e-2, weight_decay=1e-3, fused=True)
+    for _ in range(3):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        fast.update()
+        slow.step()
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b)
+    resumed = torch.optim.Adam(ref, lr=1e-2, weight_decay=1e-3, fused=True)
+    resumed.load_state_dict(copy.deepcopy(fast.state_dict()))  # as from a checkpoint file
+    for p in ref:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(resumed.state[p][key], slow.state[p][key])
+    fast.load_state_dict(copy.deepcopy(slow.state_dict()))
+    for a, b in zip(ours, ref):
+        a.grad, b.grad = torch.ones(a.shape), torch.ones(b.shape)
+    fast.update()
+    slow.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))

@@ -116,6 +116,38 @@ class DirectFeedbackRule(LearningRule):
         return e
 
 
+class FeedbackAdam(torch.optim.Adam):
+    """``torch.optim.Adam(fused=True)`` for a rule's feedback tensors, stepped with ``update()``:
+    the same fused kernel on the same state (so the same numbers and the same state_dict), without
+    ``step()``'s per-call bookkeeping, which for a few small tensors costs more than the kernel
+    (0.22 ms of a 6.6 ms CNN step on the CPU for its 29 k feedback entries)."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        group = self.param_groups[0]
+        params = group["params"]
+        for p in params:
+            if not self.state[p]:  # Adam's lazy state, as torch.optim.Adam makes it when fused
+                self.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+        states = [self.state[p] for p in params]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(
+            params, [p.grad for p in params], [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states], [], steps, lr=group["lr"], beta1=beta1,
+            beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+            maximize=False,
+        )  # fmt: skip
+
+
 def dual_forward(model: nn.Module, x: torch.Tensor, us=None):
     """One forward pass that also carries a forward-mode tangent (one direction).
 

@@ -3,17 +3,15 @@
 B_l starts at 0; its gradient is e^T h_l summed over the batch, applied by Adam at ``feedback_lr``
 with L2 weight decay ``feedback_decay`` (as the reference code)."""
 
-import torch
-
-from fdfa.rules.base import DirectFeedbackRule, StepOutput
+from fdfa.rules.base import DirectFeedbackRule, FeedbackAdam, StepOutput
 
 
 class DKP(DirectFeedbackRule):
     def __init__(self, model, feedback_lr: float = 1e-4, feedback_decay: float = 0.0):
         super().__init__(model, init="zeros")
-        self.feedback_optimizer = torch.optim.Adam(
-            self.feedback.parameters(), lr=feedback_lr, weight_decay=feedback_decay, fused=True
-        )  # fused: one kernel for all feedback tensors (same math)
+        self.feedback_optimizer = FeedbackAdam(
+            self.feedback.parameters(), lr=feedback_lr, weight_decay=feedback_decay
+        )
 
     def train_step(self, x, y) -> StepOutput:
         hs, logits = self.local_forward(x)
@@ -22,5 +20,5 @@ class DKP(DirectFeedbackRule):
         # The feedback used above is B before this step's update, as in the reference code.
         for b, h in zip(self.feedback, hs):
             b.grad = (e.t() @ h.detach().flatten(1)).view_as(b)
-        self.feedback_optimizer.step()
+        self.feedback_optimizer.update()
         return StepOutput(loss.detach(), logits.detach())

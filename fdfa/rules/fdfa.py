@@ -19,6 +19,7 @@ import torch
 
 from fdfa.rules.base import (
     DirectFeedbackRule,
+    FeedbackAdam,
     OptionError,
     StepOutput,
     check_n_directions,
@@ -51,9 +52,9 @@ class FDFA(DirectFeedbackRule):
         self.n_directions = check_n_directions(n_directions)
         self.feedback_optimizer = None
         if feedback_update == "adam":
-            self.feedback_optimizer = torch.optim.Adam(
-                self.feedback.parameters(), lr=feedback_lr, weight_decay=feedback_decay, fused=True
-            )  # fused: one kernel for all feedback tensors (same math)
+            self.feedback_optimizer = FeedbackAdam(
+                self.feedback.parameters(), lr=feedback_lr, weight_decay=feedback_decay
+            )
 
     def dual_forward(self, x):
         """One direction: (block outputs, perturbations, logits, logits' tangent [batch, C])."""
@@ -93,4 +94,4 @@ class FDFA(DirectFeedbackRule):
             else:
                 b.grad = torch.addmm(b_flat, tt, u.flatten(1), alpha=-1.0 / n).view_as(b)
         if self.feedback_update == "adam":
-            self.feedback_optimizer.step()
+            self.feedback_optimizer.update()
