@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 
 from fdfa.allocator import keep_freed_memory
 from fdfa.cuda_graph import GraphedSteps
+from fdfa.rules.base import rule_optimizers
 from fdfa.train import train
 from fdfa.validate import CONF_DIR
 
@@ -53,20 +54,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _rule_optimizers(rule) -> list:
-    return [v for v in vars(rule).values() if isinstance(v, torch.optim.Optimizer)]
-
-
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def _state_bytes(rule, optimizer) -> int:
     tensors = list(rule.state_dict().values())
-    for opt in [optimizer, *_rule_optimizers(rule)]:
+    for opt in [optimizer, *rule_optimizers(rule).values()]:
         for state in opt.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v)]
-    return _tensor_bytes(tensors)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _synthetic_batch(model_name, device, batch=None):
@@ -97,8 +90,7 @@ def _graphed_step(x, y, cuda_graph):
 
     def step(rule, optimizer):
         if id(rule) not in graphs:
-            optimizers = [optimizer, *_rule_optimizers(rule)]
-            graphs[id(rule)] = GraphedSteps(rule, optimizer, optimizers, len(y), cuda_graph)
+            graphs[id(rule)] = GraphedSteps(rule, optimizer, len(y), cuda_graph)
         graphed = graphs[id(rule)]
         if graphed.replay(x, y) is None:
             with graphed.eager():

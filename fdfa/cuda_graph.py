@@ -13,8 +13,8 @@ How it stays exact:
   instead of accumulating into old ones;
 - the batch is copied into the graph's static input tensors before each replay;
 - learning rates are Python floats baked into the captured optimizer kernels, so the graph is
-  captured again whenever a learning rate changes (once an epoch under the default StepLR) or the
-  batch shape changes; a batch of another shape (an epoch's last) runs eagerly;
+  captured again whenever a learning rate changes (once an epoch under the default StepLR); a
+  batch of another size (an epoch's last) runs eagerly;
 - random numbers drawn in the step (FDFA's, FG-A's, FG-W's perturbations) come from torch's
   graph-safe CUDA generator: fresh on every replay.
 Steps that need the gradients between the rule and the optimizer (the alignment metrics) run
@@ -30,14 +30,17 @@ from functools import cache
 
 import torch
 
+from fdfa.rules.base import rule_optimizers
+
 log = logging.getLogger(__name__)
 
 
 class GraphedSteps:
     WARMUP_STEPS = 3
 
-    def __init__(self, rule, optimizer, optimizers, batch_size: int, enabled: bool):
-        self.rule, self.optimizer, self.optimizers = rule, optimizer, optimizers
+    def __init__(self, rule, optimizer, batch_size: int, enabled: bool):
+        self.rule, self.optimizer = rule, optimizer
+        self.optimizers = [optimizer, *rule_optimizers(rule).values()]  # the rule's own too
         self.batch_size = batch_size  # only full batches are replayed
         self.enabled = enabled
         self.eager_steps = 0

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from fdfa import checkpoint
 from fdfa.cuda_graph import GraphedSteps
 from fdfa.errors import DivergedError, FdfaError
+from fdfa.rules.base import rule_optimizers
 from fdfa.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,7 @@ class Run:
         # alignment metrics on the side of training (conf/metrics/); none without a metrics group
         self.metrics = instantiate(cfg.metrics) if cfg.get("metrics") else None
         self.graphed = GraphedSteps(
-            self.rule, self.optimizer, list(self._optimizers().values()),
-            batch_size=self.data.batch_size,
+            self.rule, self.optimizer, batch_size=self.data.batch_size,
             enabled=self.device.type == "cuda" and bool(cfg.trainer.get("cuda_graph", True)),
         )  # fmt: skip
         self.names = {
@@ -162,11 +162,8 @@ class Run:
 
     def _optimizers(self) -> dict:
         """The forward optimizer and any optimizer the rule holds (e.g. its feedback's)."""
-        found = {"optimizer": self.optimizer}
-        for name, value in vars(self.rule).items():
-            if isinstance(value, torch.optim.Optimizer):
-                found[f"rule.{name}"] = value
-        return found
+        held = rule_optimizers(self.rule)
+        return {"optimizer": self.optimizer, **{f"rule.{k}": v for k, v in held.items()}}
 
     def save_checkpoint(self) -> None:
         self.progress.wall_time = self.wall_time()

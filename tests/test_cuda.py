@@ -12,19 +12,13 @@ import json
 import pytest
 import torch
 
-from fdfa.models import FCNet, ShallowCNN
 from fdfa.rules import BP, DFA, DKP, FDFA
 from fdfa.rules.base import dual_forward, perturbed_forward
 from fdfa.train import Run, train
 from tests.helpers import compose_config, synthetic_overrides
+from tests.test_rules import NETS, SHAPES, make_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
-
-NETS = {
-    "fc": (lambda: FCNet((1, 8, 8), 10, n_layers=3, width=32), (1, 8, 8)),
-    "cnn": (lambda: ShallowCNN((1, 16, 16), 10, channels=(4, 6), kernel_size=3, hidden=12),
-            (1, 16, 16)),
-}  # fmt: skip
 
 
 def assert_close_rel(got, expected, rel=1e-2):
@@ -32,15 +26,14 @@ def assert_close_rel(got, expected, rel=1e-2):
     assert err <= rel * expected.double().norm() + 1e-5, (err, expected.norm())  # 0-gradients
 
 
-def batch(shape, n=32, classes=10):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+def batch(shape):
+    return make_batch(shape, n=32)  # >= 100 samples of each perturbation entry's law
 
 
 @pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("rule_cls", [BP, DFA, DKP])
 def test_deterministic_rules_step_on_cuda_as_on_cpu(rule_cls, net):
-    make, shape = NETS[net]
+    make, shape = NETS[net], SHAPES[net]
     torch.manual_seed(0)
     cpu_rule = rule_cls(make())
     if rule_cls is DKP:  # B = 0 at the start would hide the feedback path: give it values
@@ -62,7 +55,7 @@ def test_deterministic_rules_step_on_cuda_as_on_cpu(rule_cls, net):
 
 @pytest.mark.parametrize("net", NETS)
 def test_fdfa_tangent_and_estimates_on_cuda_as_on_cpu(net):
-    make, shape = NETS[net]
+    make, shape = NETS[net], SHAPES[net]
     torch.manual_seed(0)
     model = make()
     gpu_model = copy.deepcopy(model).cuda()
@@ -81,7 +74,7 @@ def test_fdfa_tangent_and_estimates_on_cuda_as_on_cpu(net):
 def test_stacked_tangents_on_cuda_as_on_cpu(net):
     """k directions in one pass (FG-A, FDFA with n_directions > 1) take the other BatchNorm
     branch: its formula runs on the GPU's saved statistics."""
-    make, shape = NETS[net]
+    make, shape = NETS[net], SHAPES[net]
     torch.manual_seed(0)
     model = make()
     gpu_model = copy.deepcopy(model).cuda()
@@ -92,7 +85,7 @@ def test_stacked_tangents_on_cuda_as_on_cpu(net):
 
 
 def test_perturbations_are_drawn_on_the_gpu():
-    make, shape = NETS["cnn"]
+    make, shape = NETS["cnn"], SHAPES["cnn"]
     model = make().cuda()
     _, us, _, t = dual_forward(model, batch(shape)[0].cuda())
     assert t.is_cuda and all(u.is_cuda for u in us)

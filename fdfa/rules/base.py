@@ -59,6 +59,12 @@ class LearningRule(nn.Module):
         return local_forward(self.model, x)
 
 
+def rule_optimizers(rule: nn.Module) -> dict[str, torch.optim.Optimizer]:
+    """The optimizers a rule holds as attributes (e.g. DKP's and FDFA's ``feedback_optimizer``),
+    by attribute name: checkpoints save them, CUDA graphs capture their steps."""
+    return {k: v for k, v in vars(rule).items() if isinstance(v, torch.optim.Optimizer)}
+
+
 def local_forward(model: nn.Module, x: torch.Tensor):
     """Block outputs ``hs`` and logits; every block (and the head) sees a detached input, so a
     backward from h_l reaches block l's parameters only. Returns (hs, logits)."""
