@@ -16,18 +16,21 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from hydra.utils import instantiate
 
 from fdfa.allocator import keep_freed_memory
 from fdfa.cuda_graph import GraphedSteps
+from fdfa.errors import find_fdfa_error
 from fdfa.rules.base import rule_optimizers
 from fdfa.train import train
-from fdfa.validate import CONF_DIR
+from fdfa.validate import CONF_DIR, validate_config
 
 # (input shape, classes, batch) per network on the benchmark's synthetic data
 SHAPES = {
@@ -214,13 +217,25 @@ def table(rows, keys) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["fc", "cnn", "alexnet"])
-    parser.add_argument("--rules", nargs="+", default=None, help="default: every algorithm")
+    names = algorithms()
+    parser.add_argument("--models", nargs="+", default=["fc", "cnn", "alexnet"], choices=SHAPES)
+    parser.add_argument(
+        "--rules",
+        nargs="+",
+        default=None,
+        choices=names,
+        help="default: every algorithm (BP always runs: the ratios' baseline)",
+    )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per rule")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--epoch-rules", nargs="*", default=["bp", "dfa", "dkp", "fdfa"],
-                        help="rules for the MNIST epoch timing (none: skip it)")  # fmt: skip
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--epoch-rules",
+        nargs="*",
+        default=["bp", "dfa", "dkp", "fdfa"],
+        choices=names,
+        help="rules for the MNIST epoch timing (none: skip it)",
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument(
         "--metrics-overhead", action="store_true", help="also time the alignment metrics"
@@ -239,12 +254,16 @@ def main(argv=None):
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.epoch_rules:  # a bad --epoch-overrides fails now, not after the step timings
+        validate_config(_compose(args.epoch_overrides))
     keep_freed_memory()  # as run.py does: steps without page-fault storms (fdfa/allocator.py)
 
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    rules = args.rules or algorithms()
+    rules = ["bp", *[r for r in (args.rules or names) if r != "bp"]]
     results = {"device": str(device), "torch": torch.__version__, "steps": [], "epochs": []}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
@@ -275,4 +294,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as err:  # bad input (missing data, a bad --epoch-overrides): one line
+        user_error = find_fdfa_error(err)
+        if user_error is None and not isinstance(err, HydraException):
+            raise
+        print(f"error: {' '.join(str(user_error or err).split())}", file=sys.stderr)
+        sys.exit(2)
