@@ -2,6 +2,7 @@
 
 import logging
 import sys
+import time
 
 import pytest
 
@@ -26,10 +27,19 @@ def offline_wandb(tmp_path, monkeypatch):
     monkeypatch.delenv("FDFA_WANDB_GROUP", raising=False)
 
 
-def the_run(root):
-    files = find_run_files(root)
-    assert len(files) == 1, files
-    return read_run(files[0])
+def the_run(root, timeout_s=10.0):
+    """The one run under ``root``, once its file holds the exit record: wandb's offline writer
+    runs in its own process and can finish the file a moment after ``run.finish()`` returns
+    (wandb 0.31: 2 of 12 runs read at once lacked history, summary and exit code; 2 s later all
+    had them)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        files = find_run_files(root)
+        assert len(files) == 1, files
+        run = read_run(files[0])
+        if run.exit_code is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.05)
 
 
 def test_offline_run_holds_config_tags_history_and_summary(tmp_path):
