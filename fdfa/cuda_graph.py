@@ -63,7 +63,8 @@ class GraphedSteps:
                 torch.cuda.synchronize()
                 reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 log.warning("trainer.cuda_graph: the training step could not be captured (%s); "
-                            "training goes on without CUDA graphs", reason)  # fmt: skip
+                            "training goes on without CUDA graphs (trainer.cuda_graph=false "
+                            "skips the attempt)", reason)  # fmt: skip
                 return None
             self.lrs = lrs
         self.x.copy_(x)
