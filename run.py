@@ -33,7 +33,10 @@ def main(cfg: DictConfig) -> float:
             raise  # a bug shows its traceback; a sweeper records the failed job and goes on
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
-    return summary["best/test/acc"]  # what a sweeper maximises
+    # What a sweeper maximises: the best validation accuracy (selection on validation data);
+    # without a validation set, the last epoch's test accuracy (never the max over epochs).
+    best_val = summary["best/val/acc"]
+    return summary["selected/test/acc"] if best_val is None else best_val
 
 
 if __name__ == "__main__":

@@ -34,10 +34,13 @@ DOWNLOAD_TIMEOUT_S = 30  # an offline machine must fail fast, not hang on a sock
 
 
 class TensorData:
-    """Train/test images as uint8 ``[N, C, H, W]`` tensors plus int64 labels.
+    """Train/validation/test images as uint8 ``[N, C, H, W]`` tensors plus int64 labels.
 
     ``batch_size``/``test_batch_size``: samples per step / per evaluation batch.
-    ``subset``: keep only the first N training samples (None: all).
+    ``val_size``: training images held out as the validation set (0: none, train on all). They
+    are drawn from the whole training set by ``split_seed`` alone, so every rule and run seed
+    (and every ``subset``) sees the same validation images, and never trains on them.
+    ``subset``: then keep only the first N of the remaining training samples (None: all).
     ``mean``/``std``: per-channel normalisation after scaling to [0, 1].
     ``augment``: ``none`` or ``flip_crop`` (per-sample random flip + random resized crop).
     """
@@ -53,6 +56,8 @@ class TensorData:
         num_classes: int,
         batch_size: int = 64,
         test_batch_size: int = 1000,
+        val_size: int = 0,
+        split_seed: int = 0,
         subset: int | None = None,
         mean: float | list = 0.5,
         std: float | list = 0.5,
@@ -65,6 +70,9 @@ class TensorData:
             )
         if augment not in ("none", "flip_crop"):
             raise FdfaError(f"dataset.augment must be 'none' or 'flip_crop', got {augment!r}")
+        train_idx, val_idx = validation_split(len(train_y), val_size, split_seed)
+        self.val_x, self.val_y = train_x[val_idx], train_y[val_idx].long()
+        train_x, train_y = train_x[train_idx], train_y[train_idx]
         if subset is not None:
             if subset < 2:
                 raise FdfaError(f"dataset.subset must be >= 2 samples or null, got {subset}")
@@ -91,7 +99,7 @@ class TensorData:
     def setup(self, device: torch.device, resize_to: int | None = None) -> TensorData:
         """Move the tensors to ``device``; resize batches to ``resize_to`` (model input_size)."""
         self.resize_to = int(resize_to) if resize_to else None
-        for key in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
+        for key in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std"):
             setattr(self, key, getattr(self, key).to(device))
         return self
 
@@ -112,10 +120,21 @@ class TensorData:
             idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.transform(self.train_x[idx], train=True), self.train_y[idx]
 
-    def test_batches(self):
-        for i in range(0, len(self.test_y), self.test_batch_size):
+    def eval_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The evaluated sets by name: ``val`` (when held out) and ``test``."""
+        splits = {"val": (self.val_x, self.val_y)} if len(self.val_y) else {}
+        return {**splits, "test": (self.test_x, self.test_y)}
+
+    def eval_batches(self, split: str = "test"):
+        """(x, y) batches of ``test_batch_size`` over one evaluated set, in order, untransformed
+        by augmentation."""
+        images, labels = self.eval_splits()[split]
+        for i in range(0, len(labels), self.test_batch_size):
             sl = slice(i, i + self.test_batch_size)
-            yield self.transform(self.test_x[sl], train=False), self.test_y[sl]
+            yield self.transform(images[sl], train=False), labels[sl]
+
+    def test_batches(self):
+        return self.eval_batches("test")
 
     def transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
@@ -125,6 +144,19 @@ class TensorData:
         if self.resize_to and x.shape[-1] != self.resize_to:
             return F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear")
         return x
+
+
+def validation_split(n: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, validation) of a training set of ``n``: ``val_size`` drawn at random by
+    ``split_seed`` (its own generator, so the run's seed never moves it), the rest in their
+    original order (so ``subset`` keeps meaning "the first N")."""
+    if not 0 <= val_size <= n - 2:
+        raise FdfaError(
+            f"dataset.val_size must be between 0 and {n - 2} (the training set has {n} images), "
+            f"got {val_size}; 0 trains on every image with no validation set"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
 def random_resized_crop_flip(

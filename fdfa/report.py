@@ -12,6 +12,10 @@ runs of a row differ in their config (.hydra/config.yaml) in anything but the se
 ran, they are split and the differing keys are added to the label: model.* keys to the model
 (``fc (n_layers=3)``), algorithm.* keys to the algorithm, any other key to the variant column.
 
+Each row gives, over its seeds, the test accuracy at each run's best-validation epoch (the
+protocol: chosen on validation data, test set read there) as mean ± 95 % Student-t interval, the
+paired difference to BP on the same seeds, the best validation and the final test accuracy.
+
 Writes into --out: results.md and results.csv (one row per dataset, model, algorithm, variant),
 acc_*.png (test accuracy vs epoch), align_*.png (per-layer alignment cosine vs step),
 feedback_*.png (feedback cosine vs step) and estimator_*.png (estimator relative MSE vs step),
@@ -37,6 +41,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from fdfa.errors import FdfaError
+from fdfa.protocol import evaluation_records, mean_ci, select_epoch
 
 # The usual order of the rules in tables and legends; other names follow, sorted.
 ALGORITHM_ORDER = ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a"]
@@ -91,14 +96,20 @@ class RunData:
         return self.summary.get("seed", (self.config or {}).get("seed"))
 
     def evaluations(self) -> list[dict]:
-        return [r for r in self.records if "epoch" in r and _number(r.get("test/acc"))]
+        return [
+            r for r in evaluation_records(self.records) if "epoch" in r and _number(r["test/acc"])
+        ]
 
     def final_acc(self) -> float:
         return _first_number(self.summary.get("test/acc"), self.evaluations()[-1]["test/acc"])
 
-    def best_acc(self) -> float:
-        best = max(r["test/acc"] for r in self.evaluations())
-        return _first_number(self.summary.get("best/test/acc"), best)
+    def selection(self) -> dict:
+        """best/val/acc, best/epoch and selected/test/acc, from the records (runs written before
+        summary.json had them are read the same way)."""
+        return select_epoch(self.evaluations())
+
+    def selected_acc(self) -> float:
+        return self.selection()["selected/test/acc"]
 
     def epoch_seconds(self) -> tuple[float | None, str]:
         """Seconds per epoch and how they were found (records' time_s, else summary's wall_s)."""
@@ -303,15 +314,34 @@ def group_rows(runs: list[RunData]) -> list[Row]:
 # The table
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (n - 1); the std is None for a single value."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+def _by_seed(row: Row) -> dict:
+    """seed -> selected test accuracy of a row's runs (runs without a seed left out)."""
+    return {r.seed: r.selected_acc() for r in row.runs if r.seed is not None}
 
 
-def row_stats(row: Row) -> dict:
+def baseline_row(row: Row, rows: list[Row]) -> Row | None:
+    """The BP row to pair ``row`` with: same dataset and model, the same variant if several."""
+    bp = [r for r in rows if (r.dataset, r.model) == (row.dataset, row.model)]
+    bp = [r for r in bp if r.runs[0].names[2] == "bp" and r is not row]
+    if len(bp) > 1:
+        bp = [r for r in bp if r.variant == row.variant]
+    return bp[0] if len(bp) == 1 and row.runs[0].names[2] != "bp" else None
+
+
+def row_stats(row: Row, rows: list[Row] = ()) -> dict:
     """The numbers of one table row (accuracies as fractions, as in summary.json)."""
-    best_mean, best_std = _mean_std([r.best_acc() for r in row.runs])
-    final_mean, final_std = _mean_std([r.final_acc() for r in row.runs])
+    selected_mean, selected_ci = mean_ci([r.selected_acc() for r in row.runs])
+    final_mean, final_ci = mean_ci([r.final_acc() for r in row.runs])
+    vals = [v for r in row.runs if (v := r.selection()["best/val/acc"]) is not None]
+    diff_mean = diff_ci = None
+    pairs = 0
+    base = baseline_row(row, list(rows))
+    if base is not None:
+        mine, theirs = _by_seed(row), _by_seed(base)
+        diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs), key=str)]
+        pairs = len(diffs)
+        if diffs:
+            diff_mean, diff_ci = mean_ci(diffs)
     epochs = sorted({r.summary.get("epochs") or r.evaluations()[-1]["epoch"] for r in row.runs})
     times = [t for t, _ in map(RunData.epoch_seconds, row.runs) if t is not None]
     aligns = [a for a in map(RunData.final_alignment, row.runs) if a is not None]
@@ -323,10 +353,18 @@ def row_stats(row: Row) -> dict:
         "variant": row.variant,
         "n_runs": len(row.runs),
         "seeds": " ".join(_fmt_value(s) for s in seeds),
-        "best_test_acc_mean": best_mean,
-        "best_test_acc_std": best_std,
+        "selected_test_acc_mean": selected_mean,  # test acc at each run's best-val epoch
+        "selected_test_acc_ci95": selected_ci,  # half-width of the 95 % Student-t interval
+        "diff_to_bp_mean": diff_mean,  # paired by seed: this rule minus BP
+        "diff_to_bp_ci95": diff_ci,
+        "diff_to_bp_pairs": pairs,
+        "best_val_acc_mean": statistics.fmean(vals) if vals else None,
         "final_test_acc_mean": final_mean,
-        "final_test_acc_std": final_std,
+        "final_test_acc_ci95": final_ci,
+        # optimistic: the max over epochs is picked on the test set itself
+        "max_test_acc_optimistic_mean": statistics.fmean(
+            max(e["test/acc"] for e in r.evaluations()) for r in row.runs
+        ),
         "epochs": str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}",
         "time_per_epoch_s": statistics.fmean(times) if times else None,
         "align_mean_cos": statistics.fmean(aligns) if aligns else None,
@@ -334,8 +372,11 @@ def row_stats(row: Row) -> dict:
     }
 
 
-def _pct(mean: float, std: float | None) -> str:
-    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+def _pct(mean: float | None, ci: float | None = None, signed: bool = False) -> str:
+    if mean is None:
+        return "—"
+    text = f"{100 * mean:+.2f}" if signed else f"{100 * mean:.2f}"
+    return text + ("" if ci is None else f" ± {100 * ci:.2f}")
 
 
 def write_csv(stats: list[dict], path: Path) -> None:
@@ -346,18 +387,32 @@ def write_csv(stats: list[dict], path: Path) -> None:
             writer.writerow({k: "" if v is None else v for k, v in s.items()})
 
 
+TABLE_COLUMNS = [
+    "seeds",
+    "test acc at best-val epoch (%), mean ± 95% CI",
+    "Δ vs BP (points), paired by seed, mean ± 95% CI",
+    "best val acc (%)",
+    "final test acc (%), mean ± 95% CI",
+    "epochs",
+    "s / epoch",
+    "align cos",
+]
+
+
 def markdown_table(stats: list[dict]) -> str:
     keys = ["dataset", "model", "algorithm"] + (
         ["variant"] if any(s["variant"] for s in stats) else []
     )
-    head = keys + ["seeds", "best test acc (%)", "final test acc (%)", "epochs", "s / epoch"]
-    head += ["align cos"]
+    head = keys + TABLE_COLUMNS
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in stats:
+        diff = _pct(s["diff_to_bp_mean"], s["diff_to_bp_ci95"], signed=True)
         cells = [s[k] for k in keys] + [
             s["seeds"],
-            _pct(s["best_test_acc_mean"], s["best_test_acc_std"]),
-            _pct(s["final_test_acc_mean"], s["final_test_acc_std"]),
+            _pct(s["selected_test_acc_mean"], s["selected_test_acc_ci95"]),
+            diff if s["diff_to_bp_pairs"] else "—",
+            _pct(s["best_val_acc_mean"]),
+            _pct(s["final_test_acc_mean"], s["final_test_acc_ci95"]),
             s["epochs"],
             "—" if s["time_per_epoch_s"] is None else f"{s['time_per_epoch_s']:.3g}",
             "—" if s["align_mean_cos"] is None else f"{s['align_mean_cos']:.3f}",
@@ -453,8 +508,15 @@ def make_plots(rows: list[Row], out: Path) -> tuple[list[Path], list[tuple[str, 
 
 
 NOTES = [
-    "best / final test acc: mean ± sample std (n - 1) over seeds of each run's best and last "
-    "test accuracy (summary.json's best/test/acc and test/acc); no ± for a single run.",
+    "test acc at best-val epoch: for each run, the test accuracy at the epoch of its best "
+    "validation accuracy (the first on ties; the last epoch for runs without a validation set), "
+    "then the mean over seeds ± the half-width of the 95 % Student-t confidence interval "
+    "(t_{0.975, n-1} s / sqrt(n)); no ± for a single run.",
+    "Δ vs BP: this row's selected test accuracy minus BP's on the same seeds (same dataset and "
+    "model), mean ± 95 % CI of the paired differences; — where no BP run shares a seed.",
+    "best val acc: mean over seeds of each run's best validation accuracy (— without one). "
+    "final test acc: the last epoch's, mean ± 95 % CI. The max of test accuracy over epochs is "
+    "in results.csv only (max_test_acc_optimistic_mean): it is chosen on the test set itself.",
     "s / epoch: time_s of a run's last evaluation record divided by its epoch (training plus "
     "evaluation, from the start of training), mean over seeds; summary.json's wall_s / epochs "
     "for runs whose records lack time_s.",
@@ -489,7 +551,7 @@ def make_report(dirs, out: str | Path) -> Report:
         notes.append(f"s / epoch from wall_s / epochs for: {', '.join(wall_timed)}.")
     rows = group_rows(runs)
     out.mkdir(parents=True, exist_ok=True)
-    stats = [row_stats(row) for row in rows]
+    stats = [row_stats(row, rows) for row in rows]
     write_csv(stats, out / "results.csv")
     plots, skipped_plots = make_plots(rows, out)
     skipped += skipped_plots

@@ -11,6 +11,7 @@ Outside a sweep ``job_callbacks()`` is empty and this module imports nothing hea
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 from fdfa.errors import FdfaError
 
@@ -21,7 +22,7 @@ class TrialReporter:
     """A trainer callback: reports ``record[objective]`` at each epoch to an Optuna trial, keeps
     the best value seen (the trial's result), and prunes the job when the pruner says so."""
 
-    def __init__(self, trial, objective: str = "test/acc", direction: str = "maximize"):
+    def __init__(self, trial, objective: str = "val/acc", direction: str = "maximize"):
         if direction not in ("maximize", "minimize"):
             raise FdfaError(f"sweep direction must be maximize or minimize, got {direction!r}")
         self.trial = trial
@@ -56,7 +57,7 @@ class TrialReporter:
             )
 
 
-def start_trial(trial, objective: str = "test/acc", direction: str = "maximize") -> TrialReporter:
+def start_trial(trial, objective: str = "val/acc", direction: str = "maximize") -> TrialReporter:
     """Make ``trial`` the one the next job in this process reports to; returns its reporter."""
     global _active
     _active = TrialReporter(trial, objective, direction)
@@ -71,3 +72,24 @@ def end_trial() -> None:
 def job_callbacks() -> list:
     """The trainer callbacks for the job now starting: a reporter inside a sweep, else none."""
     return [_active] if _active is not None else []
+
+
+_confirming = False  # True while a study's confirmation runs (best params, fixed seeds) run here
+
+
+@contextmanager
+def confirm_jobs():
+    """Jobs started inside are a study's confirmation runs, not trials."""
+    global _confirming
+    _confirming = True
+    try:
+        yield
+    finally:
+        _confirming = False
+
+
+def job_kind() -> str:
+    """What the job now running in this process is: ``trial``, ``confirm`` or ``train``."""
+    if _active is not None:
+        return "trial"
+    return "confirm" if _confirming else "train"

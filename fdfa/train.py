@@ -10,7 +10,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from fdfa import checkpoint
 from fdfa.cuda_graph import GraphedSteps
 from fdfa.errors import DivergedError, FdfaError
+from fdfa.protocol import evaluation_records, select_epoch
 from fdfa.rules.base import rule_optimizers
 from fdfa.validate import validate_config
 
@@ -45,16 +46,20 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, data) -> dict:
-    """Mean cross-entropy and accuracy (a fraction) over the whole test set."""
+    """Mean cross-entropy and accuracy (a fraction) over each evaluated set: ``val/loss`` and
+    ``val/acc`` when a validation set is held out, then ``test/loss`` and ``test/acc``."""
     model.eval()
-    loss_sum = torch.zeros((), device=data.test_y.device)
-    correct = torch.zeros((), device=data.test_y.device, dtype=torch.long)
-    for x, y in data.test_batches():
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    n = len(data.test_y)
-    return {"test/loss": loss_sum.item() / n, "test/acc": correct.item() / n}
+    out = {}
+    for split, (_, labels) in data.eval_splits().items():
+        loss_sum = torch.zeros((), device=labels.device)
+        correct = torch.zeros((), device=labels.device, dtype=torch.long)
+        for x, y in data.eval_batches(split):
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+        out[f"{split}/loss"] = loss_sum.item() / len(labels)
+        out[f"{split}/acc"] = correct.item() / len(labels)
+    return out
 
 
 @dataclass
@@ -63,7 +68,6 @@ class Progress:
 
     epoch: int = 0  # epochs started
     step: int = 0  # optimizer steps taken
-    best_acc: float = -1.0
     train_time: float = 0.0  # seconds in training steps (evaluation excluded)
     wall_time: float = 0.0  # seconds of the whole loop, evaluation included
     train_samples: int = 0
@@ -86,6 +90,7 @@ class Run:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.out_dir / "last.ckpt"
+        self.best_path = self.out_dir / "best.ckpt"  # the weights at the selected epoch
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
         resume_from = self._resume_source()
         resumed = checkpoint.load(resume_from) if resume_from else None
@@ -188,7 +193,8 @@ class Run:
             for key, opt in optimizers.items():
                 opt.load_state_dict(ckpt["optimizers"][key])
             self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.progress = Progress(**ckpt["progress"])
+            known = {f.name for f in fields(Progress)}  # older checkpoints kept more
+            self.progress = Progress(**{k: v for k, v in ckpt["progress"].items() if k in known})
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise FdfaError(
@@ -347,23 +353,35 @@ class Run:
         }
         self.scheduler.step()
         p.perm, p.batch, p.loss_sum = None, 0, 0.0
-        p.best_acc = max(p.best_acc, record["test/acc"])
         self.log(record)
+        if select_epoch(self.records)["best/epoch"] == p.epoch:
+            self.save_best(record)  # before last.ckpt: a resume redoes this epoch and rewrites it
         self.save_checkpoint()
+        val = f" | val/acc {record['val/acc']:.4f}" if "val/acc" in record else ""
         log.info(
-            "epoch %d step %d | train/loss %.4f | test/loss %.4f | test/acc %.4f | %.1f s",
-            p.epoch, p.step, record["train/loss"], record["test/loss"], record["test/acc"],
-            record["time_s"],
+            "epoch %d step %d | train/loss %.4f%s | test/acc %.4f | %.1f s since start",
+            p.epoch, p.step, record["train/loss"], val, record["test/acc"], record["time_s"],
         )  # fmt: skip
         for callback in self.callbacks:
             callback.on_evaluation(self, record)
 
+    def save_best(self, record: dict) -> None:
+        """best.ckpt: the model and rule state of the selected epoch (the best val/acc so far;
+        the latest epoch when there is no validation set), with that epoch's record."""
+        state = {
+            "format": checkpoint.FORMAT,
+            "config": self.resolved,
+            "rule": self.rule.state_dict(),
+            "record": record,
+        }
+        checkpoint.save_atomic(state, self.best_path)
+
     def _totals(self) -> dict:
-        evaluations = [r for r in self.records if "test/acc" in r]  # not the metrics records
+        evaluations = evaluation_records(self.records)
         p, last = self.progress, (evaluations[-1] if evaluations else {})
         return {
-            "test/acc": last.get("test/acc"),
-            "best/test/acc": p.best_acc if evaluations else None,
+            "test/acc": last.get("test/acc"),  # the last epoch's
+            **select_epoch(self.records),  # best/val/acc, best/epoch, selected/test/acc
             "train/loss": last.get("train/loss"),
             "test/loss": last.get("test/loss"),
             "epochs": p.epoch,
@@ -371,6 +389,8 @@ class Run:
             "wall_s": p.wall_time,
             "train/samples_per_s": p.train_samples / p.train_time if p.train_time else None,
             "device": str(self.device),  # s / epoch and samples / s mean little without it
+            # optimistic: the max over epochs is chosen on the test set itself (not for comparing)
+            "best/test/acc": max((r["test/acc"] for r in evaluations), default=None),
         }
 
 

@@ -44,6 +44,8 @@ CHECKS = {
     "model.input_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
     "dataset.batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "dataset.test_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "dataset.val_size": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "dataset.split_seed": (_integer, "an integer"),
     "dataset.subset": (lambda v: v is None or (_integer(v) and v >= 2), "null or an integer >= 2"),
     "dataset.augment": (lambda v: v in ("none", "flip_crop"), "none or flip_crop"),
     "scheduler.gamma": (lambda v: _number(v) and v > 0, "a number > 0"),

@@ -87,9 +87,10 @@ def synthetic_overrides(*extra: str) -> list[str]:
         "dataset._target_=tests.helpers.PrototypeData",
         "dataset.image_shape=[1,8,8]",
         "dataset.num_classes=4",
-        "dataset.train_size=256",
+        "dataset.train_size=320",  # 256 to train on, 64 to validate on
         "dataset.test_size=128",
         "dataset.batch_size=32",
+        "dataset.val_size=64",
         "logger=none",
         *extra,
     ]

@@ -59,7 +59,7 @@ def test_sigkill_mid_epoch_then_rerun_finishes_like_an_uninterrupted_run(tmp_pat
     args = synthetic_overrides(
         "algorithm=fdfa",
         "model.width=256",
-        "dataset.train_size=2048",
+        "dataset.train_size=2112",  # 2048 to train on after the 64 validation images
         "dataset.image_shape=[1,28,28]",
         "trainer.epochs=12",
         "trainer.ckpt_every_n_steps=8",
@@ -85,9 +85,22 @@ def test_sigkill_mid_epoch_then_rerun_finishes_like_an_uninterrupted_run(tmp_pat
     res = run_cli([*args, f"hydra.run.dir={killed}"])
     assert res.returncode == 0, res.stderr
     assert "resuming from" in res.stdout + res.stderr
-    train(compose_config(args), tmp_path / "straight")
-    assert records(killed) == records(tmp_path / "straight")
-    assert json.loads((killed / "summary.json").read_text())["steps"] == 12 * 64
+    straight = tmp_path / "straight"
+    train(compose_config(args), straight)
+    assert records(killed) == records(straight)
+    assert all("val/acc" in r for r in records(killed) if "test/acc" in r)
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["steps"] == 12 * 64
+    selection = ("best/val/acc", "best/epoch", "selected/test/acc")
+    assert [summary[k] for k in selection] == [
+        json.loads((straight / "summary.json").read_text())[k] for k in selection
+    ]
+    a, b = (checkpoint.load(d / "best.ckpt") for d in (killed, straight))
+    assert a["record"]["epoch"] == summary["best/epoch"] and a["record"] == {
+        **b["record"],
+        "time_s": a["record"]["time_s"],
+    }
+    assert all(torch.equal(a["rule"][k], b["rule"][k]) for k in a["rule"])
 
 
 def test_finished_run_rerun_does_nothing_and_says_so(tmp_path):

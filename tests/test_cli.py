@@ -6,7 +6,8 @@ from tests.helpers import run_cli
 
 FAKE = [
     "dataset=fake",
-    "dataset.train_size=64",
+    "dataset.train_size=80",
+    "dataset.val_size=16",
     "dataset.test_size=32",
     "dataset.batch_size=16",
     "trainer.max_steps=2",

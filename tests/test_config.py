@@ -54,7 +54,9 @@ def test_every_model_and_rule_build_from_config(model, algorithm):
 
 
 def test_fake_dataset_builds_with_cifar100_shapes():
-    cfg = compose_config(["dataset=fake", "dataset.train_size=16", "dataset.test_size=8"])
+    cfg = compose_config(
+        ["dataset=fake", "dataset.train_size=20", "dataset.val_size=4", "dataset.test_size=8"]
+    )
     data = instantiate(cfg.dataset)
     assert tuple(data.train_x.shape) == (16, 3, 32, 32) and data.num_classes == 100
 

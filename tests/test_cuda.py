@@ -129,7 +129,7 @@ def test_cuda_graph_replays_the_same_steps_as_eager(tmp_path, algorithm):
     for graph in (True, False):
         cfg = compose_config(
             synthetic_overrides(f"algorithm={algorithm}", "trainer.device=cuda",
-                                "trainer.epochs=3", "dataset.train_size=260",
+                                "trainer.epochs=3", "dataset.train_size=324",
                                 f"trainer.cuda_graph={str(graph).lower()}")
         )  # fmt: skip
         run = Run(cfg, tmp_path / str(graph))

@@ -167,25 +167,42 @@ def test_table_numbers_match_the_runs_files(runs, report):
             "2",
             "0 1",
         )
-        for column, key in (("best_test_acc", "best/test/acc"), ("final_test_acc", "test/acc")):
+        for column, key in (
+            ("selected_test_acc", "selected/test/acc"),
+            ("final_test_acc", "test/acc"),
+        ):
             values = [s[key] for s in runs_summaries]
-            mean, std = statistics.fmean(values), statistics.stdev(values)
+            # two seeds: the 95 % interval is t_{0.975, 1} = 12.7062047 standard errors wide
+            mean, half = statistics.fmean(values), 12.7062047 * statistics.stdev(values) / 2**0.5
             assert float(row[f"{column}_mean"]) == pytest.approx(mean, rel=1e-12)
-            assert float(row[f"{column}_std"]) == pytest.approx(std, rel=1e-12)
-            assert f"{100 * mean:.2f} ± {100 * std:.2f}" in md
+            assert float(row[f"{column}_ci95"]) == pytest.approx(half, rel=1e-7)
+            assert f"{100 * mean:.2f} ± {100 * half:.2f}" in md
+        best_val = statistics.fmean(s["best/val/acc"] for s in runs_summaries)
+        assert float(row["best_val_acc_mean"]) == pytest.approx(best_val, rel=1e-12)
         assert row["epochs"] == "3"
         # s / epoch: the last evaluation's time_s over its epoch (3), mean over seeds
         last_evals = [[r for r in records(d) if "test/acc" in r][-1] for d in dirs]
         per_epoch = statistics.fmean(r["time_s"] / r["epoch"] for r in last_evals)
         assert float(row["time_per_epoch_s"]) == pytest.approx(per_epoch, rel=1e-12)
-    # at least one accuracy differs between the seeds, so the std above was a real check
-    assert any(float(table[a]["final_test_acc_std"]) > 0 for a in table)
+    # at least one accuracy differs between the seeds, so the interval above was a real check
+    assert any(float(table[a]["final_test_acc_ci95"]) > 0 for a in table)
+    # FDFA minus BP, paired by seed
+    bp, fdfa = (summaries([runs / p / f"{a}-{s}" for s in (0, 1)]) for a, p in PAIRS)
+    diffs = [f["selected/test/acc"] - b["selected/test/acc"] for f, b in zip(fdfa, bp)]
+    assert table["fdfa"]["diff_to_bp_pairs"] == "2" and table["bp"]["diff_to_bp_pairs"] == "0"
+    assert float(table["fdfa"]["diff_to_bp_mean"]) == pytest.approx(statistics.fmean(diffs))
+    half = 12.7062047 * statistics.stdev(diffs) / 2**0.5
+    assert float(table["fdfa"]["diff_to_bp_ci95"]) == pytest.approx(half, rel=1e-7, abs=1e-12)
+    assert "test acc at best-val epoch (%), mean ± 95% CI" in md
     # align cos: the last align/mean_cos of each run, mean over seeds; bp logged none
     last = [[r for r in records(runs / "sweep" / f"fdfa-{s}") if "align/mean_cos" in r][-1]
             for s in (0, 1)]  # fmt: skip
     expected = statistics.fmean(r["align/mean_cos"] for r in last)
     assert float(table["fdfa"]["align_mean_cos"]) == pytest.approx(expected, rel=1e-12)
     assert table["bp"]["align_mean_cos"] == ""
+
+
+PAIRS = (("bp", "single"), ("fdfa", "sweep"))
 
 
 def test_plots_are_valid_pngs(report):

@@ -227,7 +227,7 @@ def compose_sweep(name: str):
 
 
 def test_sweep_runs_n_trials_reports_and_resumes(tmp_path):
-    no_pruning = "hydra/sweeper/pruner=none"  # each trial's value is then its job's best/test/acc
+    no_pruning = "hydra/sweeper/pruner=none"  # each trial's value is then its job's best/val/acc
     res = sweep_cli(
         tmp_path, "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.seed=0", no_pruning
     )
@@ -239,11 +239,11 @@ def test_sweep_runs_n_trials_reports_and_resumes(tmp_path):
         assert job.optuna_trial == trial.number
         assert job.optimizer.lr == pytest.approx(trial.params["optimizer.lr"])
         summary = json.loads((tmp_path / str(trial.number) / "summary.json").read_text())
-        assert trial.value == summary["best/test/acc"]
+        assert trial.value == summary["best/val/acc"]
     results = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert results.best_value == study.best_value == max(t.value for t in study.trials)
     assert results.best_params["optimizer.lr"] == study.best_params["optimizer.lr"]
-    assert f"Best trial {study.best_trial.number}: test/acc" in res.stdout + res.stderr
+    assert f"Best trial {study.best_trial.number}: val/acc" in res.stdout + res.stderr
     for plot in ("optimization_history", "param_importances", "parallel_coordinate"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
 
@@ -337,6 +337,58 @@ def test_rerun_redoes_the_trial_of_a_killed_worker(tmp_path):
     assert killed.state == TrialState.FAIL and killed.user_attrs["abandoned"]
     assert redo.user_attrs["redo_of"] == 0 and redo.params == killed.params
     assert redo.state == new.state == TrialState.COMPLETE
+
+
+def test_sweep_without_a_validation_set_stops_unless_test_selection_is_asked_for(tmp_path):
+    res = sweep_cli(tmp_path / "refused", "dataset.val_size=0", "hydra.sweeper.n_trials=1")
+    assert res.returncode == 2
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "dataset.val_size=0" in err and "hydra.sweeper.objective=test/acc" in err
+    assert not list((tmp_path / "refused").glob("[0-9]*"))  # no trial ran
+    asked = ["dataset.val_size=0", "hydra.sweeper.n_trials=1", "hydra.sweeper.objective=test/acc"]
+    res = sweep_cli(tmp_path / "asked", *asked)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "selects trials on the test set" in res.stdout + res.stderr
+    summary = json.loads((tmp_path / "asked" / "0" / "summary.json").read_text())
+    assert load(tmp_path / "asked").trials[0].value == summary["best/test/acc"]
+
+
+def test_confirmation_reruns_the_best_params_with_seeds_and_a_rerun_resumes(tmp_path):
+    cmd = ["hydra.sweeper.n_trials=2", "hydra.sweeper.confirm_seeds=2", "hydra/sweeper/pruner=none"]
+    res = sweep_cli(tmp_path, *cmd)
+    assert res.returncode == 0, res.stdout + res.stderr
+    study = load(tmp_path)
+    assert len(study.trials) == 2  # confirmation runs are not trials
+    confirm = OmegaConf.to_container(OmegaConf.load(tmp_path / "optimization_results.yaml"))[
+        "confirm"
+    ]
+    assert confirm["trial"] == study.best_trial.number and confirm["seeds"] == [0, 1]
+    values = []
+    for seed in (0, 1):
+        job = tmp_path / "confirm" / f"seed{seed}"
+        config = OmegaConf.load(job / ".hydra" / "config.yaml")
+        assert config.seed == seed
+        assert config.optimizer.lr == pytest.approx(study.best_params["optimizer.lr"])
+        summary = json.loads((job / "summary.json").read_text())
+        assert confirm["selected_test_acc"][seed] == summary["selected/test/acc"]
+        values.append(summary["selected/test/acc"])
+    assert confirm["mean"] == pytest.approx(sum(values) / 2)
+    half = 12.7062047 * abs(values[0] - values[1]) / 2  # t_{0.975,1} * s / sqrt(2), s = |a-b|/sqrt2
+    assert confirm["ci95_half_width"] == pytest.approx(half, rel=1e-7, abs=1e-12)
+    assert confirm["missing_seeds"] == []
+
+    # A rerun runs only what is missing: seed 1's run is gone, seed 0's stays untouched.
+    shutil.rmtree(tmp_path / "confirm" / "seed1")
+    kept = (tmp_path / "confirm" / "seed0" / "summary.json").stat().st_mtime_ns
+    res = sweep_cli(tmp_path, *cmd)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "confirm" / "seed0" / "summary.json").stat().st_mtime_ns == kept
+    assert json.loads((tmp_path / "confirm" / "seed1" / "summary.json").read_text())[
+        "selected/test/acc"
+    ] == pytest.approx(values[1])
+    assert len(load(tmp_path).trials) == 2
+    assert "confirmation run, seed 0" not in res.stdout + res.stderr
 
 
 def test_compare_sweep_is_a_grid_of_rules_and_seeds(tmp_path):

@@ -12,7 +12,11 @@ study through its storage:
   (its process is gone, or its heartbeat is older than ``grace_period``) is marked FAILED with
   ``abandoned`` and queued again with the same parameters, so a rerun of a killed sweep redoes it;
 - a job that raises fails its trial only (the reason is the trial's ``fail_reason`` user attr);
-  ``optuna.TrialPruned`` from the job's reporter (fdfa/sweep.py) makes it PRUNED.
+  ``optuna.TrialPruned`` from the job's reporter (fdfa/sweep.py) makes it PRUNED;
+- trials are chosen on validation data (``objective: val/acc``); once the study is complete, one
+  worker (under the lock) reruns the best trial's params with seeds 0..confirm_seeds-1 in
+  ``<sweep dir>/confirm/seed<i>/``, and the report gives their test accuracy at the best-val
+  epoch with a Student-t interval. A rerun runs only the seeds still missing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -50,6 +55,7 @@ from optuna.trial import TrialState
 
 from fdfa import sweep as job_side
 from fdfa.errors import FdfaError, find_fdfa_error
+from fdfa.protocol import mean_ci
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +272,7 @@ class OptunaSweep:
         sampler: DictConfig,
         pruner: DictConfig,
         direction: str = "maximize",
-        objective: str = "test/acc",
+        objective: str = "val/acc",
         study_name: str | None = None,
         storage: str | None = None,
         n_trials: int = 20,
@@ -275,6 +281,7 @@ class OptunaSweep:
         heartbeat_interval: float = 10.0,
         grace_period: float = 120.0,
         params: DictConfig | None = None,
+        confirm_seeds: int = 0,
     ):
         if direction not in ("maximize", "minimize"):
             raise_user_error(
@@ -282,6 +289,8 @@ class OptunaSweep:
             )
         if n_trials < 1 or n_jobs < 1:
             raise_user_error("hydra.sweeper.n_trials and hydra.sweeper.n_jobs must be at least 1")
+        if confirm_seeds < 0:
+            raise_user_error("hydra.sweeper.confirm_seeds must be >= 0 (0: no confirmation runs)")
         if not 0 <= max_failure_rate <= 1:
             raise_user_error("hydra.sweeper.max_failure_rate must be between 0 and 1")
         if not 0 < heartbeat_interval < grace_period:
@@ -297,6 +306,7 @@ class OptunaSweep:
         self.max_failure_rate = max_failure_rate
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.params = OmegaConf.to_container(params) if params else {}
+        self.confirm_seeds = confirm_seeds
         self.machine = machine_id()
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -348,6 +358,9 @@ class OptunaSweep:
             while (trial := self._next_trial(study, space)) is not None:
                 self._run_trial(study, trial, fixed)
                 self._check_failures(study)
+            if self.confirm_seeds:
+                with self.lock():  # one worker runs them; the others then find them done
+                    self._confirm(study, fixed, sweep_dir)
         finally:
             failed_workers = [w for w in workers if w[0].wait() != 0]
             self._report(study, sweep_dir, url)
@@ -392,11 +405,30 @@ class OptunaSweep:
         for point in points:
             overrides = self._job_overrides(fixed, point, 0)
             try:
-                self.sweeper.validate_batch_is_legal([overrides])
+                job_config = self.hydra_context.config_loader.load_sweep_config(
+                    self.config, overrides
+                )
             except Exception as err:
                 raise FdfaError(
                     f"a trial's config does not compose ({' '.join(overrides)}): {one_line(err)}"
                 ) from err
+            self._check_selection(job_config)
+
+    def _check_selection(self, job_config: DictConfig) -> None:
+        """Trials are chosen on validation data; selecting on the test set must be asked for."""
+        val_size = OmegaConf.select(job_config, "dataset.val_size", default=0)
+        if self.objective.startswith("test/"):
+            log.warning(
+                "hydra.sweeper.objective=%s selects trials on the test set: the best value "
+                "overstates the test accuracy a fresh run would get; prefer val/acc",
+                self.objective,
+            )
+        elif self.objective.startswith("val/") and not val_size:
+            raise FdfaError(
+                f"hydra.sweeper.objective={self.objective} needs a validation set, but "
+                f"dataset.val_size={val_size}: set dataset.val_size (e.g. 5000), or select on "
+                "the test set knowingly with hydra.sweeper.objective=test/acc"
+            )
 
     @staticmethod
     def _job_overrides(fixed: list[str], params: dict, number: int) -> list[str]:
@@ -532,6 +564,65 @@ class OptunaSweep:
             return
         self._fail(study, trial, result)
 
+    # ------------------------------------------------------------------- confirmation runs
+
+    def _confirm(self, study: optuna.Study, fixed: list[str], sweep_dir: Path) -> None:
+        """Run the best trial's params with each seed 0..confirm_seeds-1 that has no finished
+        run in <sweep dir>/confirm/seed<i>/ yet. Confirmation runs of another best trial (the
+        study grew since) are moved aside first."""
+        if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            log.warning("no trial completed: no confirmation runs")
+            return
+        best = study.best_trial
+        confirm_dir = sweep_dir / "confirm"
+        chosen = {"trial": best.number, "params": best.params}
+        marker = confirm_dir / "trial.yaml"
+        if marker.is_file() and OmegaConf.to_container(OmegaConf.load(marker)) != chosen:
+            stale = confirm_dir.with_name(f"confirm.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            confirm_dir.rename(stale)
+            log.warning("best trial changed: earlier confirmation runs moved to %s", stale)
+        confirm_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(marker, OmegaConf.to_yaml(chosen))
+        for seed in range(self.confirm_seeds):
+            if confirmed_value(confirm_dir / f"seed{seed}") is not None:
+                continue
+            overrides = [
+                *fixed,
+                *(f"{k}={override_value(v)}" for k, v in best.params.items()),
+                f"seed={seed}",
+                f"hydra.sweep.subdir=confirm/seed{seed}",
+            ]
+            log.info("confirmation run, seed %d, of trial %d's params", seed, best.number)
+            try:
+                with job_side.confirm_jobs():
+                    (ret,) = self.launcher.launch([overrides], initial_job_idx=seed)
+                ret.return_value  # noqa: B018  (raises the job's error)
+            except Exception as err:
+                log.warning("confirmation run seed %d failed: %s", seed, one_line(err))
+
+    def _confirm_results(self, sweep_dir: Path) -> dict | None:
+        """The confirm: section of optimization_results.yaml (None without confirmation)."""
+        marker = sweep_dir / "confirm" / "trial.yaml"
+        if not self.confirm_seeds or not marker.is_file():
+            return None
+        chosen = OmegaConf.to_container(OmegaConf.load(marker))
+        seeds = list(range(self.confirm_seeds))
+        values = {s: confirmed_value(sweep_dir / "confirm" / f"seed{s}") for s in seeds}
+        done = [v for v in values.values() if v is not None]
+        section = {
+            "trial": chosen["trial"],
+            "params": chosen["params"],
+            "seeds": seeds,
+            "selected_test_acc": values,  # per seed: test acc at its best-val epoch
+            "missing_seeds": [s for s, v in values.items() if v is None],
+        }
+        if done:
+            mean, half = mean_ci(done)
+            section.update(mean=mean, ci95_half_width=half)
+            if half is not None:
+                section["ci95"] = [mean - half, mean + half]
+        return section
+
     def _move_stale_job_dir(self, number: int) -> None:
         """A trial's job dir (<sweep dir>/<trial number>) that exists already belongs to another
         study that used this sweep dir: move it away, or the trainer would resume from it."""
@@ -614,6 +705,16 @@ class OptunaSweep:
             )  # fmt: skip
         else:
             log.warning("no trial of study %r completed: no best trial", study.study_name)
+        confirm = self._confirm_results(sweep_dir)
+        if confirm is not None:
+            results["confirm"] = confirm
+            if "mean" in confirm:
+                half = confirm["ci95_half_width"]
+                log.info(
+                    "confirmation: test acc at best-val epoch %.4f%s over seeds %s",
+                    confirm["mean"], "" if half is None else f" ± {half:.4f} (95% CI)",
+                    [s for s in confirm["seeds"] if s not in confirm["missing_seeds"]],
+                )  # fmt: skip
         _write_atomic(sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(results))
         if states["complete"]:
             save_plots(study, sweep_dir)
@@ -622,6 +723,18 @@ class OptunaSweep:
 def counts(trial) -> bool:
     """Whether a trial takes a place of n_trials (not a FAILED one that was queued again)."""
     return not (trial.state == TrialState.FAIL and trial.user_attrs.get("abandoned"))
+
+
+def confirmed_value(run_dir: Path) -> float | None:
+    """selected/test/acc of a finished run in run_dir (None: missing, unfinished or unreadable)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "completed":
+        return None
+    value = summary.get("selected/test/acc")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def raise_user_error(message: str) -> None:

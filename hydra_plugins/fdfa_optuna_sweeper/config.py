@@ -60,8 +60,8 @@ class FdfaOptunaSweeperConf:
     sampler: Any = MISSING  # hydra/sweeper/sampler=tpe|random, or any _target_
     pruner: Any = MISSING  # hydra/sweeper/pruner=median|hyperband|none, or any _target_
     direction: str = "maximize"  # maximize | minimize the objective
-    objective: str = "test/acc"  # the per-epoch metric reported for pruning; a trial's value is
-    # its best over the epochs
+    objective: str = "val/acc"  # the per-epoch metric reported for pruning; a trial's value is
+    # its best over the epochs (test/acc selects on the test set: allowed, with a warning)
     study_name: str | None = None  # null: the name of the sweep dir
     storage: str | None = None  # null: SQLite file optuna.db in the sweep dir; any SQLAlchemy
     # URL (postgresql://user@host/db, mysql://...) or journal:PATH for a shared study
@@ -71,6 +71,7 @@ class FdfaOptunaSweeperConf:
     heartbeat_interval: float = 10.0  # seconds between a running trial's heartbeats
     grace_period: float = 120.0  # a trial silent this long (its worker died) is failed and redone
     params: dict[str, str] | None = None  # key: search space (interval/range/choice/tag)
+    confirm_seeds: int = 0  # then rerun the best trial's params with seeds 0..N-1 (confirm/seed<i>)
 
 
 cs = ConfigStore.instance()
