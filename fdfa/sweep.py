@@ -6,6 +6,9 @@ with Hydra's basic launcher. Around each job it calls ``start_trial``; run.py pa
 trial, and the trial's pruner may stop the job there by raising ``optuna.TrialPruned``.
 
 Outside a sweep ``job_callbacks()`` is empty and this module imports nothing heavy.
+``job_kind()`` tells loggers how the job runs (W&B's job type): ``train``, ``trial`` while a
+trial's reporter is active, or ``confirm`` between ``start_confirm()`` and ``end_trial()`` (a
+re-run of a study's best params with another seed).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 from fdfa.errors import FdfaError
 
 _active: TrialReporter | None = None  # the trial of the job running in this process, if any
+_confirm = False  # whether the job running in this process re-runs a study's best params
 
 
 class TrialReporter:
@@ -63,9 +67,20 @@ def start_trial(trial, objective: str = "test/acc", direction: str = "maximize")
     return _active
 
 
+def start_confirm() -> None:
+    """Mark the next job in this process as a confirmation run (``end_trial()`` ends it)."""
+    global _active, _confirm
+    _active, _confirm = None, True
+
+
 def end_trial() -> None:
-    global _active
-    _active = None
+    global _active, _confirm
+    _active, _confirm = None, False
+
+
+def job_kind() -> str:
+    """``trial``, ``confirm`` or ``train``: how the job now starting in this process runs."""
+    return "trial" if _active is not None else "confirm" if _confirm else "train"
 
 
 def job_callbacks() -> list:

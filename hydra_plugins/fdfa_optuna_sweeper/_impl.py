@@ -50,6 +50,7 @@ from optuna.trial import TrialState
 
 from fdfa import sweep as job_side
 from fdfa.errors import FdfaError, find_fdfa_error
+from fdfa.study_report import log_study
 
 log = logging.getLogger(__name__)
 
@@ -617,6 +618,7 @@ class OptunaSweep:
         _write_atomic(sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(results))
         if states["complete"]:
             save_plots(study, sweep_dir)
+        log_study(study, sweep_dir, self.config)  # the study's W&B run, when jobs log to W&B
 
 
 def counts(trial) -> bool:
