@@ -3,16 +3,23 @@ loggers here are extra destinations chosen with ``logger=...``.
 
 A logger has ``log_metrics(metrics: dict, step: int)`` and ``finish(summary: dict)`` (called once,
 also when the run fails: then ``summary["status"]`` is not ``"completed"``). It is built by
-``hydra.utils.instantiate`` with ``out_dir`` (the run dir), ``run_config`` (the resolved config)
-and ``names`` (algorithm, model and dataset names)."""
+``hydra.utils.instantiate`` with ``out_dir`` (the run dir), ``run_config`` (the resolved config),
+``names`` (algorithm, model and dataset names) and ``resumed`` (whether the run continues from a
+checkpoint: then the records logged before it are replayed first); it takes ``**_`` for more."""
 
 from __future__ import annotations
 
 import csv
 import logging
+import os
+import time
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 from fdfa.errors import FdfaError
+from fdfa.sweep import job_kind
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,9 @@ class CSVLogger:
 
 
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # what wandb accepts
+EPOCH_METRICS = ("train/*", "test/*", "val/*", "lr", "time_s")  # evaluations: plotted by epoch
+STEP_METRICS = ("align/*", "feedback/*", "estimator/*")  # alignment: by optimizer step
+ENDED = ("completed", "pruned", "diverged")  # statuses of a run that ended as training meant to
 
 
 def _one_line(err: BaseException) -> str:
@@ -63,28 +73,65 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def run_name(names: dict | None, run_config: dict, kind: str = "train") -> str:
+    """``<algorithm>-<model>-<dataset>-seed<seed>``, then ``-trial<n>`` in an Optuna sweep and
+    ``-confirm`` for a confirmation run: what W&B and the HParams tables show for a run."""
+    parts = [str(v) for v in (names or {}).values() if v]
+    if run_config.get("seed") is not None:
+        parts.append(f"seed{run_config['seed']}")
+    if run_config.get("optuna_trial") is not None:
+        parts.append(f"trial{run_config['optuna_trial']}")
+    if kind == "confirm":
+        parts.append("confirm")
+    return "-".join(parts)
+
+
+def multirun_group() -> str | None:
+    """The sweep dir's name when this job is one of a Hydra multirun (e.g. a grid), else None."""
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+
+
 class WandbLogger:
     """One Weights & Biases run per training run (``logger=wandb``).
 
-    The resolved config goes to the W&B config, the algorithm, model and dataset names to its tags
-    (after ``tags``), every record to its history (at the record's ``step``) and the final summary
-    dict to its summary. ``finish`` ends the W&B run with exit code 0 when the summary's status is
-    ``completed`` and 1 otherwise, so a sweep that runs many jobs in one process never leaves a
-    run open. ``mode=offline`` (the default unless $WANDB_MODE says otherwise) writes the run
-    under ``<dir>/wandb/`` without an account; ``wandb sync <that dir>`` uploads it later.
+    The run is named by :func:`run_name`; runs of one multirun share a group (``group``; else the
+    sweep dir's name); ``job_type`` (else ``fdfa.sweep.job_kind()``) tells train, trial and
+    confirm runs apart. The resolved config goes to the W&B config, the algorithm, model and
+    dataset names to its tags (after ``tags``), every record (``step`` included) to its history at
+    the record's ``step``, and the final summary dict to its summary. Evaluation metrics use
+    ``epoch`` as their x-axis, alignment metrics ``step``. ``finish`` ends the W&B run with exit
+    code 0 when the summary's status is completed, pruned or diverged, 1 when training failed.
+    ``mode=offline`` (the default unless $WANDB_MODE says otherwise) writes the run under
+    ``<dir>/wandb/`` (``dir``: else $WANDB_DIR, else the run dir) without an account; ``wandb sync``
+    uploads it later.
+
+    A resumed training run continues its W&B run: the id is kept in ``<run dir>/wandb_id``.
+    Online, the records already in the W&B run (``run.starting_step``) are not sent again.
+    Offline, wandb cannot read what an earlier session wrote and starts a new session file at
+    step 0; so that session gets the whole history (the records replayed from the checkpoint),
+    and the earlier sessions of that id are renamed ``superseded-offline-run-*``: ``wandb sync``
+    then finds one session of the run, without repeated steps.
 
     If W&B cannot start (not installed, no network, a bad key: any error in ``wandb.init``), one
     warning line is logged and this logger does nothing; training goes on with the local logs.
     """
+
+    ID_FILE = "wandb_id"  # in the run dir: the W&B run id, continued when training resumes
 
     def __init__(
         self,
         out_dir: str,
         run_config: dict | None = None,
         names: dict | None = None,
+        resumed: bool = False,
         project: str = "fdfa",
         entity: str | None = None,
         group: str | None = None,
+        job_type: str | None = None,
+        name: str | None = None,
         tags=(),
         mode: str = "offline",
         dir: str | None = None,  # wandb.init calls it dir too
@@ -96,9 +143,13 @@ class WandbLogger:
                 "(it defaults to $WANDB_MODE, else offline)"
             )
         self.run = None
+        self._first_new_step = 0  # records before this step are in the W&B run already
+        run_config, kind = dict(run_config or {}), job_kind()
         tags = [str(t) for t in (tags or [])]
         tags += [str(v) for v in (names or {}).values() if v]
-        wandb_dir = Path(dir or out_dir)
+        id_file = Path(out_dir) / self.ID_FILE
+        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
+        wandb_dir = Path(dir or os.environ.get("WANDB_DIR") or out_dir)
         try:
             import wandb
         except ImportError:
@@ -108,24 +159,43 @@ class WandbLogger:
             return
         try:
             wandb_dir.mkdir(parents=True, exist_ok=True)
+            if run_id and mode in ("offline", "dryrun"):
+                supersede_offline_sessions(wandb_dir / "wandb", run_id)
             self.run = wandb.init(
                 project=project,
                 entity=entity,
-                group=group,
+                group=group or multirun_group(),
+                job_type=job_type or kind,
+                name=name or run_name(names, run_config, kind),
+                id=run_id,
+                resume="allow" if run_id else None,
                 tags=list(dict.fromkeys(tags)),  # without repeats, in order
                 mode=mode,
                 dir=str(wandb_dir),
-                config=dict(run_config or {}),
+                config=run_config,
                 reinit="create_new",  # never hand back (or end) another job's run
             )
         except Exception as err:  # wandb raises many types; none may stop training
             log.warning("W&B logging is off for this run (%s); local logs go on", _one_line(err))
-
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        if self.run is None:
             return
         try:
-            self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(self.run.id + "\n")
+            if self.run.resumed:
+                self._first_new_step = self.run.starting_step
+            for pattern in EPOCH_METRICS:
+                self.run.define_metric(pattern, step_metric="epoch")
+            for pattern in STEP_METRICS:
+                self.run.define_metric(pattern, step_metric="step")
+        except Exception as err:
+            log.warning("W&B logging is off for this run (%s); local logs go on", _one_line(err))
+            self._end(exit_code=1)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.run is None or step < self._first_new_step:
+            return
+        try:
+            self.run.log({**metrics, "step": step}, step=step)
         except Exception as err:
             log.warning("W&B logging stopped (%s); local logs go on", _one_line(err))
             self._end(exit_code=1)
@@ -136,7 +206,7 @@ class WandbLogger:
         try:
             self.run.summary.update(summary)
         finally:
-            self._end(exit_code=0 if summary.get("status") == "completed" else 1)
+            self._end(exit_code=0 if summary.get("status") in ENDED else 1)
 
     def _end(self, exit_code: int) -> None:
         run, self.run = self.run, None
@@ -144,3 +214,86 @@ class WandbLogger:
             run.finish(exit_code=exit_code)
         except Exception as err:
             log.warning("W&B run did not finish cleanly (%s)", _one_line(err))
+
+
+def supersede_offline_sessions(wandb_root: Path, run_id: str) -> None:
+    """Rename the offline sessions of W&B run ``run_id`` under ``wandb_root`` to
+    ``superseded-<name>``: the session now starting holds their history and more."""
+    for old in sorted(wandb_root.glob(f"offline-run-*-{run_id}")):
+        old.rename(old.with_name(f"superseded-{old.name}"))
+        log.info("W&B offline session %s is superseded by the resumed run's new one", old.name)
+
+
+def hparams(run_config: dict, names: dict | None) -> dict:
+    """A run's entry in TensorBoard's HParams tab: algorithm, model, dataset, optimizer, lr,
+    batch size, the rule's settings (feedback lr, momentum, ...), seed and Optuna trial number."""
+    algorithm = run_config.get("algorithm") or {}
+    optimizer = run_config.get("optimizer") or {}
+    values = {
+        **(names or {}),
+        "optimizer": str(optimizer.get("_target_", "")).rsplit(".", 1)[-1] or None,
+        "lr": optimizer.get("lr"),
+        "batch_size": (run_config.get("dataset") or {}).get("batch_size"),
+        **{k: v for k, v in algorithm.items() if not k.startswith("_")},
+        "seed": run_config.get("seed"),
+        "trial": run_config.get("optuna_trial"),
+    }
+    return {k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}
+
+
+class TensorBoardLogger:
+    """TensorBoard event files in the run dir (``logger=tensorboard``): every number of every
+    record as a scalar at the record's step, and the run's :func:`hparams` for the HParams tab, so
+    ``tensorboard --logdir multirun/<sweep>`` compares the runs of a grid or a study side by side.
+    ``finish`` adds the summary's ``best/*`` and ``selected/*`` metrics as scalars at the last step
+    (the HParams tab shows each scalar's last value) and the session's status (failure only when
+    training failed). The event files are rewritten from the first record on (a resumed run
+    replays its records)."""
+
+    def __init__(self, out_dir: str, run_config: dict | None = None, names=None, **_):
+        try:
+            from tensorboard.plugins.hparams import summary_v2
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise FdfaError(
+                "logger=tensorboard needs the tensorboard package: pip install tensorboard "
+                '(or pip install -e ".[dashboard]")'
+            ) from None
+        for old in Path(out_dir).glob("events.out.tfevents.*"):
+            old.unlink()
+        self.writer = SummaryWriter(log_dir=str(out_dir), flush_secs=10)
+        self.last_step = 0
+        config = dict(run_config or {})
+        start = summary_v2.hparams_pb(hparams(config, names), trial_id=run_name(names, config))
+        self.writer._get_file_writer().add_summary(start)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, global_step=step)
+        self.last_step = max(self.last_step, step)
+        self.writer.flush()
+
+    def finish(self, summary: dict) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+        if self.writer is None:
+            return
+        for key, value in summary.items():
+            if key.startswith(("best/", "selected/")) and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, global_step=self.last_step)
+        ok = summary.get("status") in ENDED
+        end = plugin_data_pb2.SessionEndInfo(
+            status=api_pb2.STATUS_SUCCESS if ok else api_pb2.STATUS_FAILURE,
+            end_time_secs=time.time(),
+        )
+        content = metadata.create_summary_metadata(
+            plugin_data_pb2.HParamsPluginData(session_end_info=end)
+        )
+        value = Summary.Value(
+            tag=metadata.SESSION_END_INFO_TAG, metadata=content, tensor=metadata.NULL_TENSOR
+        )
+        self.writer._get_file_writer().add_summary(Summary(value=[value]))
+        self.writer.close()
+        self.writer = None

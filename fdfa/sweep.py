@@ -6,6 +6,9 @@ with Hydra's basic launcher. Around each job it calls ``start_trial``; run.py pa
 trial, and the trial's pruner may stop the job there by raising ``optuna.TrialPruned``.
 
 Outside a sweep ``job_callbacks()`` is empty and this module imports nothing heavy.
+``job_kind()`` tells loggers how the job runs (W&B's job type): ``train``, ``trial`` while a
+trial's reporter is active, or ``confirm`` between ``start_confirm()`` and ``end_trial()`` (a
+re-run of a study's best params with another seed).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from contextlib import contextmanager
 from fdfa.errors import FdfaError
 
 _active: TrialReporter | None = None  # the trial of the job running in this process, if any
+_confirm = False  # whether the job running in this process re-runs a study's best params
 
 
 class TrialReporter:
@@ -64,9 +68,20 @@ def start_trial(trial, objective: str = "val/acc", direction: str = "maximize") 
     return _active
 
 
+def start_confirm() -> None:
+    """Mark the next job in this process as a confirmation run (``end_trial()`` ends it)."""
+    global _active, _confirm
+    _active, _confirm = None, True
+
+
 def end_trial() -> None:
-    global _active
-    _active = None
+    global _active, _confirm
+    _active, _confirm = None, False
+
+
+def job_kind() -> str:
+    """``trial``, ``confirm`` or ``train``: how the job now starting in this process runs."""
+    return "trial" if _active is not None else "confirm" if _confirm else "train"
 
 
 def job_callbacks() -> list:
@@ -74,22 +89,12 @@ def job_callbacks() -> list:
     return [_active] if _active is not None else []
 
 
-_confirming = False  # True while a study's confirmation runs (best params, fixed seeds) run here
-
 
 @contextmanager
 def confirm_jobs():
-    """Jobs started inside are a study's confirmation runs, not trials."""
-    global _confirming
-    _confirming = True
+    """Jobs started inside are a study's confirmation runs, not trials (W&B's job type)."""
+    start_confirm()
     try:
         yield
     finally:
-        _confirming = False
-
-
-def job_kind() -> str:
-    """What the job now running in this process is: ``trial``, ``confirm`` or ``train``."""
-    if _active is not None:
-        return "trial"
-    return "confirm" if _confirming else "train"
+        end_trial()

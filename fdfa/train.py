@@ -131,7 +131,10 @@ class Run:
     def _start_loggers(self) -> None:
         self.loggers = [
             instantiate(c, _partial_=True)(
-                out_dir=str(self.out_dir), run_config=self.resolved, names=self.names
+                out_dir=str(self.out_dir),
+                run_config=self.resolved,
+                names=self.names,
+                resumed=self.progress.step > 0,  # from a checkpoint: its records are replayed
             )
             for c in (self.cfg.get("logger") or {}).values()
             if c is not None

@@ -1,15 +1,20 @@
 """The W&B logger, offline only: every run is read back from the file wandb writes."""
 
+import json
 import logging
+import os
+import signal
+import subprocess
 import sys
 import time
 
 import pytest
 
+from fdfa import sweep as job_side
 from fdfa.errors import FdfaError
 from fdfa.loggers import WandbLogger
 from fdfa.train import train
-from tests.helpers import compose_config, synthetic_overrides
+from tests.helpers import REPO, compose_config, synthetic_overrides
 from tests.wandb_records import find_run_files, read_run
 
 NAMES = {"algorithm": "fdfa", "model": "fc", "dataset": "mnist"}
@@ -17,12 +22,12 @@ NAMES = {"algorithm": "fdfa", "model": "fc", "dataset": "mnist"}
 
 @pytest.fixture(autouse=True)
 def offline_wandb(tmp_path, monkeypatch):
-    """No network, no prompt, nothing written outside tmp_path."""
+    """No network, no prompt, nothing written outside tmp_path; runs write into their run dir."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
-    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT"):
+    for var in ("WANDB_DIR", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("FDFA_WANDB_GROUP", raising=False)
 
@@ -58,18 +63,26 @@ def test_offline_run_holds_config_tags_history_and_summary(tmp_path):
     assert run.config["seed"] == 3 and run.config["optimizer"] == {"lr": 1e-4}
     assert run.tags == ["paper", "fdfa", "fc", "mnist"] and run.group == "study-1"
     assert [h["_step"] for h in run.history] == [4, 8]
-    assert run.history[0]["align/fc1/cos"] == 0.5 and "step" not in run.history[0]
+    assert run.history[0]["align/fc1/cos"] == 0.5 and run.history[0]["step"] == 4
+    assert run.step_metrics["test/*"] == run.step_metrics["train/*"] == "epoch"
+    assert run.step_metrics["align/*"] == "step"
+    assert (run.name, run.job_type) == ("fdfa-fc-mnist-seed3", "train")
     assert run.summary["test/acc"] == 0.75 and run.summary["align/mean_cos"] == 0.25
     assert run.summary["status"] == "completed" and run.exit_code == 0
 
 
-def test_a_failed_run_is_finished_with_a_nonzero_exit_code(tmp_path):
+@pytest.mark.parametrize(
+    "status, exit_code", [("failed", 1), ("pruned", 0), ("diverged", 0), ("completed", 0)]
+)
+def test_only_a_failed_run_is_finished_with_a_nonzero_exit_code(tmp_path, status, exit_code):
+    """A pruned trial or a diverged run ended as training meant to: W&B shows it finished, with
+    its status in the summary; a run that raised shows as failed."""
     logger = WandbLogger(out_dir=str(tmp_path), run_config={}, names=NAMES, mode="offline")
     logger.log_metrics({"step": 1, "train/loss": 2.0}, step=1)
-    logger.finish({"status": "diverged"})
-    logger.finish({"status": "diverged"})  # a second call does nothing
+    logger.finish({"status": status})
+    logger.finish({"status": status})  # a second call does nothing
     run = the_run(tmp_path)
-    assert run.exit_code == 1 and run.summary["status"] == "diverged"
+    assert run.exit_code == exit_code and run.summary["status"] == status
 
 
 def test_when_wandb_cannot_start_one_warning_and_training_goes_on(tmp_path, monkeypatch, caplog):
@@ -145,3 +158,101 @@ def test_jobs_in_one_process_each_finish_their_run_also_when_one_raises(tmp_path
     assert (failed.exit_code, failed.summary["status"]) == (1, "failed")
     assert (completed.exit_code, completed.summary["status"]) == (0, "completed")
     assert "test/acc" in failed.summary  # the evaluation logged before the callback raised
+
+
+def test_trial_and_confirm_runs_are_named_and_typed_by_how_the_job_runs(tmp_path):
+    def one_run(sub: str, config: dict):
+        logger = WandbLogger(out_dir=str(tmp_path / sub), run_config=config, names=NAMES)
+        logger.finish({"status": "completed"})
+        run = the_run(tmp_path / sub)
+        return run.name, run.job_type
+
+    assert one_run("plain", {"seed": 0}) == ("fdfa-fc-mnist-seed0", "train")
+    job_side.start_trial(trial=None)  # as the sweeper does around a trial's job
+    try:
+        assert job_side.job_kind() == "trial"
+        assert one_run("trial", {"seed": 1, "optuna_trial": 7}) == (
+            "fdfa-fc-mnist-seed1-trial7",
+            "trial",
+        )
+    finally:
+        job_side.end_trial()
+    job_side.start_confirm()  # as the confirmation runs of a study's best params do
+    try:
+        assert one_run("confirm", {"seed": 2}) == ("fdfa-fc-mnist-seed2-confirm", "confirm")
+    finally:
+        job_side.end_trial()
+    assert job_side.job_kind() == "train"
+
+
+def test_wandb_dir_is_honoured_unless_logger_wandb_dir_is_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "from_env"))
+    for sub, wandb_dir in (("a", None), ("b", str(tmp_path / "explicit"))):
+        logger = WandbLogger(out_dir=str(tmp_path / sub), names=NAMES, dir=wandb_dir)
+        logger.finish({"status": "completed"})
+    assert the_run(tmp_path / "from_env").exit_code == 0
+    assert the_run(tmp_path / "explicit").exit_code == 0
+    assert find_run_files(tmp_path / "a") == find_run_files(tmp_path / "b") == []
+    assert (tmp_path / "a" / "wandb_id").is_file()  # the id stays with the run dir
+
+
+KILLED_JOB = """
+import os, signal, sys
+from fdfa.train import train
+from tests.helpers import compose_config, synthetic_overrides
+
+class KillAfterEpoch2:  # as a job killed by the cluster after epoch 2's checkpoint
+    def on_evaluation(self, run, record):
+        if record["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+cfg = compose_config(synthetic_overrides(*sys.argv[2:]))
+train(cfg, sys.argv[1], callbacks=[KillAfterEpoch2()])
+"""
+
+
+def test_a_killed_and_resumed_run_is_one_wandb_run_without_repeated_steps(tmp_path):
+    """Offline, wandb starts a new session file for the resumed run; it must hold the whole
+    history once, and be the only session ``wandb sync`` would upload for this run."""
+    out = tmp_path / "run"
+    overrides = ["trainer.epochs=4", "metrics.every_n_steps=3", "logger=wandb"]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # its own wandb-core,
+    env["PYTHONPATH"] = str(REPO)  # as a job started by itself (not this process's service)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_JOB, str(out), *synthetic_overrides(*overrides)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_id = (out / "wandb_id").read_text().strip()
+    assert [p.name.split("-")[-1] for p in find_run_files(out)] == [f"{run_id}.wandb"]
+
+    summary = train(compose_config(synthetic_overrides(*overrides)), out)  # resumes at epoch 3
+    assert summary["epochs"] == 4 and summary["status"] == "completed"
+    run = the_run(out)  # exactly one session left under offline-run-*
+    assert run.run_id == run_id and run.exit_code == 0
+    steps = [h["_step"] for h in run.history]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted({r["step"] for r in records})  # each step once, in order, all of them
+    assert [h["epoch"] for h in run.history if "test/acc" in h] == [1, 2, 3, 4]
+    assert len(list((out / "wandb").glob(f"superseded-offline-run-*-{run_id}"))) == 1
+    dry = subprocess.run(
+        [sys.executable, "-m", "wandb", "sync", "--dry-run", str(out / "wandb")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    would_sync = [line for line in (dry.stdout + dry.stderr).splitlines() if ".wandb" in line]
+    assert len(would_sync) == 1 and run_id in would_sync[0], dry.stdout + dry.stderr
+
+
+def test_an_online_resume_sends_only_what_the_wandb_run_lacks(tmp_path, monkeypatch):
+    """Online, wandb reports where the resumed run's history ends (``starting_step``)."""
+    import wandb
+
+    (tmp_path / "wandb_id").write_text("resumeme1\n")
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "resumed", property(lambda self: True))
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "starting_step", property(lambda self: 9))
+    logger = WandbLogger(out_dir=str(tmp_path), names=NAMES, resumed=True)
+    for step in (4, 8, 12):  # replayed, replayed, new
+        logger.log_metrics({"epoch": step // 4, "test/acc": step / 100}, step=step)
+    logger.finish({"status": "completed"})
+    run = the_run(tmp_path)
+    assert run.run_id == "resumeme1" and [h["_step"] for h in run.history] == [12]

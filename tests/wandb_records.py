@@ -65,12 +65,17 @@ def _key(item) -> str:
 
 @dataclass
 class OfflineRun:
-    """What a test needs from one offline run: its config, tags, group, history, summary and
-    exit code (None when the file holds no exit record, i.e. the run was never finished)."""
+    """What a test needs from one offline run: its id, name, job type, config, tags, group,
+    history, summary, the x-axis of each metric pattern (``define_metric``) and exit code (None
+    when the file holds no exit record, i.e. the run was never finished)."""
 
+    run_id: str = ""
+    name: str = ""
+    job_type: str = ""
     config: dict = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     group: str = ""
+    step_metrics: dict = field(default_factory=dict)  # metric name or glob -> its step metric
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     exit_code: int | None = None
@@ -85,6 +90,8 @@ def read_run(path: str | Path) -> OfflineRun:
         record = wandb_internal_pb2.Record.FromString(payload)
         kind = record.WhichOneof("record_type")
         if kind == "run":
+            run.run_id, run.name = record.run.run_id, record.run.display_name
+            run.job_type = record.run.job_type
             run.tags = list(record.run.tags)
             run.group = record.run.run_group
             for item in record.run.config.update:
@@ -99,6 +106,9 @@ def read_run(path: str | Path) -> OfflineRun:
                 run.summary[_key(item)] = json.loads(item.value_json)
             for item in record.summary.remove:
                 run.summary.pop(_key(item), None)
+        elif kind == "metric" and record.metric.step_metric:
+            name = record.metric.name or record.metric.glob_name
+            run.step_metrics[name] = record.metric.step_metric
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run

@@ -56,6 +56,7 @@ from optuna.trial import TrialState
 from fdfa import sweep as job_side
 from fdfa.errors import FdfaError, find_fdfa_error
 from fdfa.protocol import mean_ci
+from fdfa.study_report import log_study
 
 log = logging.getLogger(__name__)
 
@@ -718,6 +719,7 @@ class OptunaSweep:
         _write_atomic(sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(results))
         if states["complete"]:
             save_plots(study, sweep_dir)
+        log_study(study, sweep_dir, self.config)  # the study's W&B run, when jobs log to W&B
 
 
 def counts(trial) -> bool:
