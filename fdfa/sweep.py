@@ -89,7 +89,6 @@ def job_callbacks() -> list:
     return [_active] if _active is not None else []
 
 
-
 @contextmanager
 def confirm_jobs():
     """Jobs started inside are a study's confirmation runs, not trials (W&B's job type)."""
