@@ -14,19 +14,22 @@ Hidden block l is named by position and by its first Conv/Linear layer: ``fc1``,
 - ``align/<l>/norm_ratio``: |rule's update| / |dL/dW_l|.
 - ``feedback/<l>/cos`` (rules with one feedback tensor per block: DFA, DKP, FDFA): between B_l
   and the target J_l of :func:`output_jacobians`.
-- ``estimator/<l>/rel_mse`` (forward-mode rules, ``rule.forward_mode``): |estimate - truth|^2 /
-  |truth|^2 of one step's estimate. For FDFA (a forward-mode rule with feedback and
-  ``jacobian_estimates``) that is a fresh draw of its Jacobian estimate Ĵ_l (with the rule's
-  ``n_directions``) against J_l; for forward gradients (FG-W, FG-A) it is the rule's update of W_l
-  (its gradient estimate) against dL/dW_l.
+- ``estimator/<l>/grad_rel_mse`` (every rule): |update - dL/dW_l|^2 / |dL/dW_l|^2, the relative
+  squared error of the rule's update of W_l, the update it applies (0 for BP; for DFA and DKP a
+  deterministic function of B_l; for FDFA the update from its B_l, not Ĵ_l). One number on one
+  scale for every rule: its expectation is the update's relative bias^2 plus its variance.
+- ``estimator/<l>/jacobian_rel_mse`` (FDFA: a forward-mode rule with feedback and
+  ``jacobian_estimates``): |Ĵ_l - J_l|^2 / |J_l|^2 of a fresh draw of the step's Jacobian estimate
+  (same batch, weights and ``n_directions``) against the target J_l of :func:`output_jacobians`.
 
 A cosine with a zero vector is reported as 0 (angle 90).
 
 Cost of one measurement: a forward and a backward pass, plus, for the J_l behind ``feedback/*`` and
-FDFA's ``estimator/*``, one reverse pass per (sample, class) pair (batched). On 2 CPU cores that is
-about 15-120 training steps for fc and cnn models (so ``every_n_steps=1000`` costs <= 15%), but it
-grows with batch x classes x model size: for AlexNet on CIFAR-100 set ``jacobian_metrics=false``
-(alignment only, about 2 steps) or a much larger ``every_n_steps``.
+``estimator/*/jacobian_rel_mse``, one reverse pass per (sample, class) pair (batched). On 2 CPU
+cores that is about 15-120 training steps for fc and cnn models (so ``every_n_steps=1000`` costs
+<= 15%), but it grows with batch x classes x model size: for AlexNet on CIFAR-100 set
+``jacobian_metrics=false`` (alignment and ``grad_rel_mse`` only, about 2 steps) or a much larger
+``every_n_steps``.
 """
 
 from __future__ import annotations
@@ -70,14 +73,14 @@ def block_weights(block: nn.Module) -> list[nn.Parameter]:
 
 def split_per_sample(module: nn.Module):
     """(front, rest) with ``module(h) == rest(front(h))`` and ``front`` acting on each sample alone
-    (Flatten/Identity up to and including the first Linear/Conv layer), or None."""
+    (Flatten/Identity/MaxPool2d up to and including the first Linear/Conv layer), or None."""
     if isinstance(module, WEIGHT_LAYERS):
         return module, nn.Identity()
     if isinstance(module, nn.Sequential):
         for i, layer in enumerate(module):
             if isinstance(layer, WEIGHT_LAYERS):
                 return module[: i + 1], module[i + 1 :]
-            if not isinstance(layer, (nn.Flatten, nn.Identity)):
+            if not isinstance(layer, (nn.Flatten, nn.Identity, nn.MaxPool2d)):
                 return None
     return None
 
@@ -228,7 +231,6 @@ class AlignmentMetrics:
         estimates_jacobians = has_feedback and callable(getattr(rule, "jacobian_estimates", None))
         feedback_cos = has_feedback and self.jacobian_metrics
         jacobian_estimator = forward_mode and estimates_jacobians and self.jacobian_metrics
-        update_estimator = forward_mode and not estimates_jacobians
 
         # The true gradient (and output Jacobians) on the same batch, through the whole net.
         logits, hs, taps = side_forward(model, x)
@@ -257,9 +259,10 @@ class AlignmentMetrics:
             out[f"align/{name}/norm_ratio"] = updates[i].norm() / true[i].norm().clamp_min(TINY)
             if feedback_cos:
                 out[f"feedback/{name}/cos"] = cosine(flat([feedback[i]]), flat([targets[i]]))
+            out[f"estimator/{name}/grad_rel_mse"] = rel_mse(updates[i], true[i])
             if jacobian_estimator:
-                out[f"estimator/{name}/rel_mse"] = rel_mse(flat([estimates[i]]), flat([targets[i]]))
-            if update_estimator:
-                out[f"estimator/{name}/rel_mse"] = rel_mse(updates[i], true[i])
+                out[f"estimator/{name}/jacobian_rel_mse"] = rel_mse(
+                    flat([estimates[i]]), flat([targets[i]])
+                )
         out["align/mean_cos"] = torch.stack(cosines).mean()
         return out

@@ -69,7 +69,12 @@ class FCNet(BlockNet):
 
 class ShallowCNN(BlockNet):
     """15C5-P2-40C5-P2-128-10 (the paper). ``pool=[false, true]`` gives the reference code's
-    15C5-40C5-P2-128-10 (``model=cnn_ref``)."""
+    15C5-40C5-P2-128-10 (``model=cnn_ref``).
+
+    Block l is conv -> BN -> ReLU and ends there, where the reference code's conv networks hook
+    their feedback: a 2x2 max-pool after conv l opens block l+1. So the DFA-family rules inject
+    (and FDFA perturbs) at every position of each conv's output, and the error reaches conv l
+    through all of them, not only through the pool's arg-max positions."""
 
     def __init__(
         self,
@@ -86,23 +91,28 @@ class ShallowCNN(BlockNet):
                 f"model.channels ({len(channels)} entries) and model.pool ({len(pool)}) must match"
             )
         c, h, w = self.input_shape
-        blocks = []
+        blocks, pooled = [], False  # pooled: a pool follows the previous conv (opens this block)
         for out_c, do_pool in zip(channels, pool):
-            layers = [nn.Conv2d(c, out_c, kernel_size), nn.BatchNorm2d(out_c), nn.ReLU()]
+            layers = [nn.MaxPool2d(2)] if pooled else []
+            h, w = (h // 2, w // 2) if pooled else (h, w)
+            layers += [nn.Conv2d(c, out_c, kernel_size), nn.BatchNorm2d(out_c), nn.ReLU()]
             h, w = h - kernel_size + 1, w - kernel_size + 1
-            if do_pool:
-                layers.append(nn.MaxPool2d(2))
-                h, w = h // 2, w // 2
-            if h < 1 or w < 1:
+            if min(h, w) < (2 if do_pool else 1):  # a 2x2 pool needs at least 2x2
                 raise FdfaError(
                     f"model=cnn cannot take {self.input_shape} inputs: they shrink to nothing; "
                     "use larger images or fewer/smaller conv layers"
                 )
             blocks.append(nn.Sequential(*layers))
-            c = out_c
+            c, pooled = out_c, do_pool
+        if pooled:
+            h, w = h // 2, w // 2
         blocks.append(
             nn.Sequential(
-                nn.Flatten(), nn.Linear(c * h * w, hidden), nn.BatchNorm1d(hidden), nn.ReLU()
+                *([nn.MaxPool2d(2)] if pooled else []),
+                nn.Flatten(),
+                nn.Linear(c * h * w, hidden),
+                nn.BatchNorm1d(hidden),
+                nn.ReLU(),
             )
         )
         self.blocks = nn.ModuleList(blocks)

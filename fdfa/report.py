@@ -18,8 +18,10 @@ paired difference to BP on the same seeds, the best validation and the final tes
 
 Writes into --out: results.md and results.csv (one row per dataset, model, algorithm, variant),
 acc_*.png (test accuracy vs epoch), align_*.png (per-layer alignment cosine vs step),
-feedback_*.png (feedback cosine vs step) and estimator_*.png (estimator relative MSE vs step),
-one PNG of each kind per (dataset, model) for which some run logged those metrics.
+feedback_*.png (feedback cosine vs step), grad_error_*.png (relative squared error of each rule's
+weight update against the true gradient vs step, every rule) and jacobian_error_*.png (FDFA's
+Jacobian estimate against the true Jacobian vs step), one PNG of each kind per (dataset, model)
+for which some run logged those metrics.
 """
 
 from __future__ import annotations
@@ -62,11 +64,24 @@ IGNORED_KEYS = (
 )
 
 # Per-layer metrics plotted against the step: file prefix, record key ({} is the layer name),
-# title, y label.
+# title, y label, log scale. The two errors measure different things and get their own figures.
 LAYER_PLOTS = [
-    ("align", "align/{}/cos", "alignment with BP", "cosine(update, BP gradient)"),
-    ("feedback", "feedback/{}/cos", "feedback vs true Jacobian", "cosine"),
-    ("estimator", "estimator/{}/rel_mse", "estimator error", "relative MSE"),
+    ("align", "align/{}/cos", "alignment with BP", "cosine(update, BP gradient)", False),
+    ("feedback", "feedback/{}/cos", "feedback vs true Jacobian", "cosine", False),
+    (
+        "grad_error",
+        "estimator/{}/grad_rel_mse",
+        "weight-update error vs the true gradient (every rule)",
+        "|update - dL/dW|² / |dL/dW|²",
+        True,
+    ),
+    (
+        "jacobian_error",
+        "estimator/{}/jacobian_rel_mse",
+        "FDFA's Jacobian estimate Ĵ vs the true Jacobian J",
+        "|Ĵ - J|² / |J|²",
+        True,
+    ),
 ]
 
 
@@ -487,7 +502,7 @@ def make_plots(rows: list[Row], out: Path) -> tuple[list[Path], list[tuple[str, 
         path = out / f"acc_{_slug(dataset)}_{_slug(model)}.png"
         plot_accuracy(group, title, path)
         plots.append(path)
-        for prefix, key_fmt, what, ylabel in LAYER_PLOTS:
+        for prefix, key_fmt, what, ylabel, log in LAYER_PLOTS:
             key = key_fmt.format("<layer>")
             with_data = [row for row in group if any(r.layers(key_fmt) for r in row.runs)]
             name = f"{prefix}_{_slug(dataset)}_{_slug(model)}.png"
@@ -498,7 +513,7 @@ def make_plots(rows: list[Row], out: Path) -> tuple[list[Path], list[tuple[str, 
             if without:
                 skipped.append((f"{name}, {', '.join(without)}", f"those runs logged no {key}"))
             path = out / name
-            plot_layers(with_data, key_fmt, f"{title}: {what}", ylabel, path, prefix == "estimator")
+            plot_layers(with_data, key_fmt, f"{title}: {what}", ylabel, path, log)
             plots.append(path)
     return plots, skipped
 

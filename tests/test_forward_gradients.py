@@ -258,19 +258,39 @@ def test_forward_gradient_rules_run_on_every_network(algorithm, model, tmp_path)
 
 
 @pytest.mark.parametrize("k", [1, 4])
-def test_fg_a_learns_the_synthetic_task(k, tmp_path):
-    """4 well-separated classes (chance 0.25); measured 1.0 after 3 epochs for k = 1 and 4."""
+def test_fg_a_hidden_updates_follow_the_gradient_while_training(k, tmp_path):
+    """Accuracy cannot tell here: the head alone, on frozen random hidden layers, solves the
+    synthetic task (measured 1.0 at the default width). So the hidden blocks are checked directly:
+    the cosine between FG-A's update of W_l and the true gradient, measured every step (24 steps),
+    must average > 0.1 in every hidden block. A zero update scores exactly 0; an update blind to
+    the gradient has mean 0 with a standard error of 1 / sqrt(24 * |W_l|) (<= 0.026 for the 64
+    weights of fc2 at width 8), so 0.1 is >= 3.9 standard errors above it. Measured: 0.19 / 0.33
+    (k = 1), 0.27 / 0.56 (k = 4)."""
     cfg = compose_config(
         synthetic_overrides(
-            "algorithm=fg_a", f"algorithm.n_directions={k}", "trainer.epochs=3", "optimizer.lr=1e-3"
+            "algorithm=fg_a",
+            f"algorithm.n_directions={k}",
+            "trainer.epochs=3",
+            "optimizer.lr=1e-2",
+            "model.width=8",
+            "metrics.every_n_steps=1",
         )
     )
-    assert train(cfg, tmp_path)["best/test/acc"] > 0.9
+    train(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    measured = [r for r in records if "align/mean_cos" in r]
+    assert len(measured) == 24
+    for name in ("fc1", "fc2"):
+        mean_cos = sum(r[f"align/{name}/cos"] for r in measured) / len(measured)
+        assert mean_cos > 0.1, (name, mean_cos)
 
 
-def test_fg_w_learns_and_more_directions_learn_better(tmp_path):
-    """FG-W's variance grows with the parameter count (3.3k here), so one direction learns slowly
-    (measured 0.75 after 10 epochs, chance 0.25) and the mean of 8 directions well (0.98)."""
+def test_smoke_fg_w_trains_and_more_directions_train_better(tmp_path):
+    """A smoke test: FG-W perturbs the head too, and the head alone reaches these accuracies, so
+    this shows the run trains and that averaging 8 directions helps the whole estimate, not that
+    the hidden blocks learn (tests/test_statistics.py measures their update's error). FG-W's
+    variance grows with the parameter count (3.3k here): measured 0.75 after 10 epochs with one
+    direction (chance 0.25), 0.98 with the mean of 8."""
     acc = {}
     for k in (1, 8):
         overrides = synthetic_overrides(

@@ -3,11 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
 
 from fdfa.data import random_resized_crop_flip
 from fdfa.errors import FdfaError
 from fdfa.models import AlexNet, FCNet, ShallowCNN, hidden_shapes
 from fdfa.rules import BP, DFA, DKP, FDFA
+from tests.helpers import compose_config
 
 RULES = [BP, DFA, DKP, FDFA]
 
@@ -19,12 +22,27 @@ def test_fc_widths_follow_the_reference():
 
 
 def test_cnn_shapes_paper_and_reference_variant():
+    """Feedback meets each conv's output before its pool, where the reference's conv_mnist.py and
+    conv_cifar10.py hook it (conv -> BN -> ReLU -> hook -> max_pool2d): the pool opens the next
+    block. cnn_ref's conv2 feedback is then [10, 40, 20, 20] on MNIST (400 positions per
+    channel), [10, 40, 24, 24] on CIFAR-10, and fc1 takes 4000 / 5760 inputs, as there."""
     paper = ShallowCNN((1, 28, 28), 10)
     ref = ShallowCNN((1, 28, 28), 10, pool=(False, True))
-    assert hidden_shapes(paper) == [(15, 12, 12), (40, 4, 4), (128,)]
-    assert hidden_shapes(ref) == [(15, 24, 24), (40, 10, 10), (128,)]
-    assert ref.blocks[2][1].in_features == 4000  # the reference code's fc1 (4000 -> 128)
-    assert ShallowCNN((3, 32, 32), 10, pool=(False, True)).blocks[2][1].in_features == 5760
+    assert hidden_shapes(paper) == [(15, 24, 24), (40, 8, 8), (128,)]
+    assert hidden_shapes(ref) == [(15, 24, 24), (40, 20, 20), (128,)]
+    assert isinstance(paper.blocks[1][0], nn.MaxPool2d)  # conv1's pool opens block 2
+    assert isinstance(ref.blocks[2][0], nn.MaxPool2d)
+    assert ref.blocks[2][2].in_features == 4000  # the reference code's fc1 (4000 -> 128)
+    cifar = ShallowCNN((3, 32, 32), 10, pool=(False, True))
+    assert hidden_shapes(cifar) == [(15, 28, 28), (40, 24, 24), (128,)]
+    assert cifar.blocks[2][2].in_features == 5760
+    for dataset, shape, expected in [
+        ("mnist", (1, 28, 28), [(10, 15, 24, 24), (10, 40, 20, 20), (10, 128)]),
+        ("cifar10", (3, 32, 32), [(10, 15, 28, 28), (10, 40, 24, 24), (10, 128)]),
+    ]:
+        cfg = compose_config([f"experiment={dataset}_cnn"])  # model=cnn_ref, the reference's runs
+        rule = FDFA(instantiate(cfg.model, input_shape=shape, num_classes=10))
+        assert [tuple(b.shape) for b in rule.feedback] == expected, dataset
 
 
 def test_alexnet_shapes_and_feedback_size():

@@ -116,7 +116,8 @@ def add_alignment_records(run_dir, seed):
             for layer, c in cos.items():
                 record[f"align/{layer}/cos"] = c
                 record[f"feedback/{layer}/cos"] = c / 2
-                record[f"estimator/{layer}/rel_mse"] = 10.0 / (step + seed)
+                record[f"estimator/{layer}/grad_rel_mse"] = 0.5 / (step + seed)
+                record[f"estimator/{layer}/jacobian_rel_mse"] = 10.0 / (step + seed)
             f.write(json.dumps(record) + "\n")
 
 
@@ -209,8 +210,9 @@ def test_plots_are_valid_pngs(report):
     result, out = report
     names = sorted(p.name for p in result.plots)
     assert names == sorted(
-        f"{kind}_synthetic_fc.png" for kind in ("acc", "align", "feedback", "estimator")
-    )
+        f"{kind}_synthetic_fc.png"
+        for kind in ("acc", "align", "feedback", "grad_error", "jacobian_error")
+    )  # the update's error and FDFA's Jacobian estimate's error: two figures, never one
     md = (out / "results.md").read_text()
     for path in result.plots:
         assert path.read_bytes()[:8] == PNG_SIGNATURE

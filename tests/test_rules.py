@@ -114,7 +114,7 @@ def test_output_layer_gets_the_exact_gradient(rule_cls):
 def test_feedback_shapes_are_known_at_build_time():
     model = ShallowCNN((1, 28, 28), 10)
     rule = DFA(model)
-    assert [tuple(b.shape) for b in rule.feedback] == [(10, 15, 12, 12), (10, 40, 4, 4), (10, 128)]
+    assert [tuple(b.shape) for b in rule.feedback] == [(10, 15, 24, 24), (10, 40, 8, 8), (10, 128)]
     assert all(not b.requires_grad for b in rule.feedback)
     assert set(k.split(".")[0] for k in rule.state_dict()) == {"model", "feedback"}
 
