@@ -24,7 +24,7 @@ from torch import nn
 
 from fdfa.errors import FdfaError
 from fdfa.models import check_block_net, hidden_shapes
-from fdfa.rules.perturbation import draw
+from fdfa.rules.perturbation import KINDS, draw
 from fdfa.tangents import forward_with_tangent
 
 
@@ -85,6 +85,15 @@ def check_n_directions(n_directions) -> int:
             "e.g. algorithm.n_directions=4"
         )
     return n_directions
+
+
+def check_perturbation(kind) -> str:
+    if kind not in KINDS:
+        raise OptionError(
+            f"algorithm.perturbation must be gaussian or rademacher, got {kind!r}; "
+            "e.g. algorithm.perturbation=rademacher"
+        )
+    return kind
 
 
 def project_error(e: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,11 @@ from fdfa.rules.base import (
     OptionError,
     StepOutput,
     check_n_directions,
+    check_perturbation,
     draw_block_perturbations,
     dual_forward,
     perturbed_forward,
 )
-from fdfa.rules.perturbation import check_perturbation
 
 
 class FDFA(DirectFeedbackRule):

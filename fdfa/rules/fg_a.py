@@ -33,10 +33,10 @@ from fdfa.rules.base import (
     OptionError,
     StepOutput,
     check_n_directions,
+    check_perturbation,
     draw_block_perturbations,
 )
 from fdfa.rules.base import perturbed_forward as _perturbed_forward
-from fdfa.rules.perturbation import check_perturbation
 
 
 class FGA(LearningRule):

@@ -25,8 +25,9 @@ from fdfa.rules.base import (
     StepOutput,
     batch_statistics_only,
     check_n_directions,
+    check_perturbation,
 )
-from fdfa.rules.perturbation import check_perturbation, draw
+from fdfa.rules.perturbation import draw
 
 
 class FGW(LearningRule):

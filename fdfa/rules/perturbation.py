@@ -23,19 +23,8 @@ import math
 
 import torch
 
-from fdfa.errors import FdfaError
-
 KINDS = ("gaussian", "rademacher")
 _SIGNS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def check_perturbation(kind) -> str:
-    if kind not in KINDS:
-        raise FdfaError(
-            f"algorithm.perturbation must be gaussian or rademacher, got {kind!r}; "
-            "e.g. algorithm.perturbation=rademacher"
-        )
-    return kind
 
 
 def draw(kind: str, shapes, device, dtype) -> list[torch.Tensor]:
