@@ -5,6 +5,9 @@
 
 Step times are medians over ``--steps`` steps after ``--warmup`` steps, with rules interleaved
 round by round so that machine noise hits them alike; ratios to BP come from the same process.
+The forward-mode rules (FDFA, FG-A, FG-W) run once per ``--perturbation`` kind (gaussian,
+rademacher or both), and their ``rng_share`` is the median time of the step's draws alone (timed in
+the same rounds) over the median step time.
 Memory: on CUDA the peak allocated during the steps; everywhere the bytes of state the rule keeps
 (parameters, feedback, optimizer moments). ``--metrics-overhead`` adds the cost of the alignment
 metrics at their default interval, as a ratio of training time with them to training time without.
@@ -24,11 +27,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from fdfa.allocator import keep_freed_memory
 from fdfa.cuda_graph import GraphedSteps
 from fdfa.errors import find_fdfa_error
 from fdfa.rules.base import rule_optimizers
+from fdfa.rules.perturbation import KINDS
 from fdfa.train import train
 from fdfa.validate import CONF_DIR, validate_config
 
@@ -45,6 +50,20 @@ GPU_BATCH = {"alexnet": 128}  # on a GPU, the reference's batch
 def algorithms() -> list[str]:
     names = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
     return ["bp"] + [n for n in names if n != "bp"]
+
+
+def perturbing(rule_name) -> bool:
+    """Whether the rule draws random directions (its config has ``perturbation``)."""
+    return "perturbation" in OmegaConf.load(CONF_DIR / "algorithm" / f"{rule_name}.yaml")
+
+
+def _variants(rules, kinds):
+    """(rule name, perturbation kind or None) for each rule: one per kind for perturbing rules."""
+    return [(name, kind) for name in rules for kind in (kinds if perturbing(name) else [None])]
+
+
+def _kind_override(kind):
+    return [] if kind is None else [f"algorithm.perturbation={kind}"]
 
 
 def _compose(overrides):
@@ -119,36 +138,52 @@ def peak_cuda_bytes(model_name, rule_name, device, x, y, steps, cuda_graph, extr
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def bench_steps(model_name, rules, steps, warmup, device, batch=None, extra=(), cuda_graph=False):
-    """Median seconds per training step (zero_grad + train_step + optimizer.step) for each rule;
-    with ``cuda_graph`` each step is replayed as a CUDA graph, as the trainer does on a GPU."""
+def bench_steps(
+    model_name, rules, steps, warmup, device, batch=None, extra=(), cuda_graph=False,
+    kinds=("gaussian",),
+):  # fmt: skip
+    """Median seconds per training step (zero_grad + train_step + optimizer.step) for each rule
+    (each perturbation kind of the perturbing ones) and of its draws alone; with ``cuda_graph``
+    each step is replayed as a CUDA graph, as the trainer does on a GPU."""
     x, y, batch = _synthetic_batch(model_name, device, batch)
+    variants = _variants(rules, kinds)
     peak = {}
     if device.type == "cuda":  # each rule alone; the first twice (CUDA and cuBLAS set-up)
-        for name in [rules[0], *rules]:
-            peak[name] = peak_cuda_bytes(model_name, name, device, x, y, warmup, cuda_graph, extra)
-    built = {name: _build(model_name, name, device, extra)[1:] for name in rules}
+        for name, kind in [variants[0], *variants]:
+            peak[name, kind] = peak_cuda_bytes(model_name, name, device, x, y, warmup, cuda_graph,
+                                               [*extra, *_kind_override(kind)])  # fmt: skip
+    built = {v: _build(model_name, v[0], device, [*extra, *_kind_override(v[1])])[1:]
+             for v in variants}  # fmt: skip
     step = _graphed_step(x, y, cuda_graph)
-    times = {name: [] for name in rules}
+    times = {v: [] for v in variants}
+    draw_times = {v: [] for v in variants if v[1] is not None}
     for rule, optimizer in built.values():
         for _ in range(warmup):
             step(rule, optimizer)
     for _ in range(steps):  # round-robin: every rule sees the same machine conditions
-        for name, (rule, optimizer) in built.items():
+        for v, (rule, optimizer) in built.items():
             _sync(device)
             t0 = time.perf_counter()
             step(rule, optimizer)
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[v].append(time.perf_counter() - t0)
+            if v in draw_times:  # the same draws as the step's, alone
+                t0 = time.perf_counter()
+                rule.draw_perturbations(batch)
+                _sync(device)
+                draw_times[v].append(time.perf_counter() - t0)
     rows = []
-    bp = statistics.median(times[rules[0]])
-    for name, (rule, optimizer) in built.items():
-        median = statistics.median(times[name])
+    bp = statistics.median(times[variants[0]])
+    for v, (rule, optimizer) in built.items():
+        median = statistics.median(times[v])
+        draw = statistics.median(draw_times[v]) if v in draw_times else None
         rows.append({
-            "model": model_name, "algorithm": name, "batch": batch,
+            "model": model_name, "algorithm": v[0], "perturbation": v[1], "batch": batch,
             "cuda_graph": cuda_graph, "step_ms": 1e3 * median, "ratio_to_bp": median / bp,
+            "draw_ms": None if draw is None else 1e3 * draw,
+            "rng_share": None if draw is None else draw / median,
             "state_mb": _state_bytes(rule, optimizer) / 2**20,
-            "peak_cuda_mb": peak[name] / 2**20 if name in peak else None,
+            "peak_cuda_mb": peak[v] / 2**20 if v in peak else None,
         })  # fmt: skip
     return rows
 
@@ -186,18 +221,18 @@ def bench_metrics_overhead(model_name, rules, device, every_n_steps=None, repeat
     return rows
 
 
-def bench_epochs(rules, root, device, epochs=1, overrides=()):
+def bench_epochs(rules, root, device, epochs=1, overrides=(), kinds=("gaussian",)):
     """MNIST FC-2 (batch 64): seconds per epoch (train + test, start-up excluded) and accuracy."""
     rows = []
-    for name in rules:
+    for name, kind in _variants(rules, kinds):
         cfg = _compose([f"algorithm={name}", f"dataset.root={root}", f"trainer.epochs={epochs}",
                         f"trainer.device={device.type}", "logger=none", "trainer.progress=false",
-                        "trainer.resume=never", *overrides])  # fmt: skip
-        out = Path("outputs") / "bench" / name
+                        "trainer.resume=never", *_kind_override(kind), *overrides])  # fmt: skip
+        out = Path("outputs") / "bench" / (name if kind is None else f"{name}-{kind}")
         summary = train(cfg, out)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rows.append({
-            "algorithm": name, "epochs": epochs,
+            "algorithm": name, "perturbation": kind, "epochs": epochs,
             "epoch_s": summary["wall_s"] / summary["epochs"],
             "test_acc": [r["test/acc"] for r in records if "test/acc" in r],
         })  # fmt: skip
@@ -225,6 +260,13 @@ def main(argv=None):
         default=None,
         choices=names,
         help="default: every algorithm (BP always runs: the ratios' baseline)",
+    )
+    parser.add_argument(
+        "--perturbation",
+        nargs="+",
+        default=["gaussian"],
+        choices=KINDS,
+        help="directions of FDFA, FG-A and FG-W (each kind given is timed)",
     )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per rule")
     parser.add_argument("--warmup", type=int, default=5)
@@ -269,11 +311,12 @@ def main(argv=None):
         results["gpu"] = torch.cuda.get_device_name(device)
     for model_name in args.models:
         graph = device.type == "cuda" and not args.no_cuda_graph
-        rows = bench_steps(model_name, rules, args.steps, args.warmup, device, cuda_graph=graph)
+        rows = bench_steps(model_name, rules, args.steps, args.warmup, device, cuda_graph=graph,
+                           kinds=args.perturbation)  # fmt: skip
         results["steps"] += rows
         print(f"\n## {model_name} ({device}{', CUDA graphs' if graph else ''})\n")
-        print(table(rows, ["algorithm", "batch", "step_ms", "ratio_to_bp", "state_mb",
-                           "peak_cuda_mb"]))  # fmt: skip
+        print(table(rows, ["algorithm", "perturbation", "batch", "step_ms", "ratio_to_bp",
+                           "rng_share", "state_mb", "peak_cuda_mb"]))  # fmt: skip
     if args.metrics_overhead:
         results["metrics"] = []
         for model_name in args.models:
@@ -284,10 +327,11 @@ def main(argv=None):
     if args.epoch_rules:
         root = args.data_root or _compose([]).dataset.root
         results["epochs"] = bench_epochs(
-            args.epoch_rules, root, device, args.epochs, args.epoch_overrides
+            args.epoch_rules, root, device, args.epochs, args.epoch_overrides, args.perturbation
         )
         print(f"\n## MNIST FC-2, batch 64, {args.epochs} epoch(s) ({device})\n")
-        print(table(results["epochs"], ["algorithm", "epochs", "epoch_s", "test_acc"]))
+        print(table(results["epochs"], ["algorithm", "perturbation", "epochs", "epoch_s",
+                                        "test_acc"]))  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return results

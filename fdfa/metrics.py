@@ -246,7 +246,8 @@ class AlignmentMetrics:
         estimates = None
         if jacobian_estimator:  # a fresh draw of the step's estimate; fork_rng restores the RNG
             k = int(getattr(rule, "n_directions", 1))
-            _, us, _, t = perturbed_forward(model, x, k)
+            kind = getattr(rule, "perturbation", "gaussian")
+            _, us, _, t = perturbed_forward(model, x, k, perturbation=kind)
             folded = [u.detach().flatten(0, 1) for u in us]  # directions folded into the batch
             estimates = rule.jacobian_estimates(t.detach().flatten(0, 1), folded)
 

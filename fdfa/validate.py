@@ -39,6 +39,7 @@ CHECKS = {
     "algorithm.feedback_update": (lambda v: v in ("adam", "ema"), "adam or ema"),
     "algorithm.feedback_init": (lambda v: v in ("zeros", "kaiming"), "zeros or kaiming"),
     "algorithm.per_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "algorithm.perturbation": (lambda v: v in ("gaussian", "rademacher"), "gaussian or rademacher"),
     "model.n_layers": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "model.width": (lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
     "model.input_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),

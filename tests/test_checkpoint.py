@@ -27,8 +27,10 @@ OVERRIDES = synthetic_overrides(
 )
 
 
-def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch):
-    train(compose_config(OVERRIDES), tmp_path / "straight")
+@pytest.mark.parametrize("perturbation", ["gaussian", "rademacher"])
+def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch, perturbation):
+    overrides = [*OVERRIDES, f"algorithm.perturbation={perturbation}"]
+    train(compose_config(overrides), tmp_path / "straight")
 
     calls = {"n": 0}
     real_step = FDFA.train_step
@@ -41,13 +43,13 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(FDFA, "train_step", crash_at_step_14)
     with pytest.raises(KeyboardInterrupt):
-        train(compose_config(OVERRIDES), tmp_path / "resumed")
+        train(compose_config(overrides), tmp_path / "resumed")
     saved = checkpoint.load(tmp_path / "resumed" / "last.ckpt")
     assert saved["progress"]["step"] == 12 and saved["progress"]["batch"] == 4
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["status"] == "failed"
     monkeypatch.setattr(FDFA, "train_step", real_step)
 
-    summary = train(compose_config(OVERRIDES), tmp_path / "resumed")
+    summary = train(compose_config(overrides), tmp_path / "resumed")
     assert summary["status"] == "completed" and summary["steps"] == 24
     assert records(tmp_path / "resumed") == records(tmp_path / "straight")
     a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)["rule"]

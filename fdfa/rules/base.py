@@ -24,6 +24,7 @@ from torch import nn
 
 from fdfa.errors import FdfaError
 from fdfa.models import check_block_net, hidden_shapes
+from fdfa.rules.perturbation import KINDS, draw
 from fdfa.tangents import forward_with_tangent
 
 
@@ -84,6 +85,15 @@ def check_n_directions(n_directions) -> int:
             "e.g. algorithm.n_directions=4"
         )
     return n_directions
+
+
+def check_perturbation(kind) -> str:
+    if kind not in KINDS:
+        raise OptionError(
+            f"algorithm.perturbation must be gaussian or rademacher, got {kind!r}; "
+            "e.g. algorithm.perturbation=rademacher"
+        )
+    return kind
 
 
 def project_error(e: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
@@ -154,36 +164,40 @@ class FeedbackAdam(torch.optim.Adam):
         )  # fmt: skip
 
 
-def dual_forward(model: nn.Module, x: torch.Tensor, us=None):
+def dual_forward(model: nn.Module, x: torch.Tensor, us=None, perturbation: str = "gaussian"):
     """One forward pass that also carries a forward-mode tangent (one direction).
 
-    At each block output h_l a perturbation u_l (drawn ~ N(0, I) unless ``us`` gives it) is added
-    to the tangent, so the logits' tangent is t = sum_l J_l u_l (J_l: Jacobian of the logits
-    w.r.t. h_l). Block inputs are detached from the reverse-mode graph (local training), not from
-    the tangent, which flows through the whole net. BatchNorm buffers update once, as in a plain
-    training forward. Returns (hs, us, logits, t), t of shape [batch, classes]."""
-    return _tangent_forward(model, x, None, us)
+    At each block output h_l a perturbation u_l (drawn as ``perturbation`` says, N(0, I) by
+    default, unless ``us`` gives it) is added to the tangent, so the logits' tangent is
+    t = sum_l J_l u_l (J_l: Jacobian of the logits w.r.t. h_l). Block inputs are detached from the
+    reverse-mode graph (local training), not from the tangent, which flows through the whole net.
+    BatchNorm buffers update once, as in a plain training forward. Returns (hs, us, logits, t), t
+    of shape [batch, classes]."""
+    return _tangent_forward(model, x, None, us, perturbation)
 
 
-def _tangent_forward(model: nn.Module, x: torch.Tensor, k: int | None, us=None):
+def draw_block_perturbations(kind: str, shapes, batch: int, k: int | None, like: torch.Tensor):
+    """Directions for every block output at once (one generator call, fdfa.rules.perturbation):
+    u_l of shape [batch, *shapes[l]], or [k, batch, *shapes[l]] for k stacked directions."""
+    lead = (batch,) if k is None else (k, batch)
+    return draw(kind, [(*lead, *shape) for shape in shapes], like.device, like.dtype)
+
+
+def _tangent_forward(model: nn.Module, x: torch.Tensor, k: int | None, us=None, kind="gaussian"):
     """The pass behind ``dual_forward`` (k None: one direction, unstacked tangents) and
     ``perturbed_forward`` (k directions stacked in a leading dim). Tangents come from the closed
-    forms in fdfa.tangents (torch's forward-mode AD for layer types it does not know)."""
-    hs, drawn = [], []
+    forms in fdfa.tangents (torch's forward-mode AD for layer types it does not know). The first
+    block's tangent is its u_1 alone: nothing is computed for it."""
+    if us is None:  # the rules pass their draws; here the block shapes come from a probe forward
+        us = draw_block_perturbations(kind, hidden_shapes(model), len(x), k, x)
+    hs = []
     h, tangent = x, None
-    for i, block in enumerate(model.blocks):
+    for block, u in zip(model.blocks, us):
         h, h_tangent = forward_with_tangent(block, h.detach(), tangent)
-        if us is not None:
-            u = us[i]
-        elif k is None:
-            u = torch.randn_like(h)
-        else:
-            u = torch.randn(k, *h.shape, device=h.device, dtype=h.dtype)
         tangent = u if h_tangent is None else h_tangent.add_(u)
         hs.append(h)
-        drawn.append(u)
     logits, t = forward_with_tangent(model.head, h.detach(), tangent)
-    return hs, drawn, logits, t
+    return hs, list(us), logits, t
 
 
 @contextmanager
@@ -205,14 +219,18 @@ def batch_statistics_only(model: nn.Module):
             m.track_running_stats = True
 
 
-def perturbed_forward(model: nn.Module, x: torch.Tensor, n_directions: int = 1, us=None):
+def perturbed_forward(
+    model: nn.Module, x: torch.Tensor, n_directions: int = 1, us=None, perturbation="gaussian"
+):
     """Activity-perturbed forward pass with k = ``n_directions`` independent directions.
 
     Returns (hs, us, logits, t): block outputs on local graphs (as ``local_forward``), the
-    perturbations us[l] of shape [k, batch, *h_l.shape[1:]] (drawn ~ N(0, I) unless given),
-    logits, and the logits' tangents t of shape [k, batch, classes], t[i] = sum_l J_l us[l][i].
-    One pass: the primal once (BatchNorm buffers update once), the k tangents side by side."""
+    perturbations us[l] of shape [k, batch, *h_l.shape[1:]] (drawn as ``perturbation`` says unless
+    given; the same numbers as a rule's step draws after the same seed), logits, and the logits'
+    tangents t of shape [k, batch, classes], t[i] = sum_l J_l us[l][i]. One pass: the primal once
+    (BatchNorm buffers update once), the k tangents side by side."""
     if n_directions == 1:
-        hs, drawn, logits, t = dual_forward(model, x, None if us is None else [u[0] for u in us])
+        one = None if us is None else [u[0] for u in us]
+        hs, drawn, logits, t = dual_forward(model, x, one, perturbation)
         return hs, [u.unsqueeze(0) for u in drawn], logits, t.unsqueeze(0)
-    return _tangent_forward(model, x, n_directions, us)
+    return _tangent_forward(model, x, n_directions, us, perturbation)

@@ -1,7 +1,8 @@
 """Forward Direct Feedback Alignment (Bacho & Chu 2024).
 
 One forward pass carries, besides the primal, a forward-mode tangent: at every block output h_l an
-independent perturbation u_l ~ N(0, I) is added to the tangent, so the logits' tangent is
+independent perturbation u_l is added to the tangent (u_l ~ N(0, I), or ±1 entries with
+``perturbation=rademacher``: fdfa.rules.perturbation), so the logits' tangent is
 t = sum_l J_l u_l, with J_l the Jacobian of the logits w.r.t. h_l. Since E[u_l u_k^T] = I if l == k
 else 0, the per-batch estimate  Ĵ_l = mean_batch(t ⊗ u_l) = t^T u_l / batch  is unbiased for the
 batch-averaged J_l. With ``n_directions=k`` the step averages Ĵ_l over k independent directions
@@ -23,6 +24,8 @@ from fdfa.rules.base import (
     OptionError,
     StepOutput,
     check_n_directions,
+    check_perturbation,
+    draw_block_perturbations,
     dual_forward,
     perturbed_forward,
 )
@@ -40,6 +43,7 @@ class FDFA(DirectFeedbackRule):
         feedback_decay: float = 0.0,
         feedback_init: str = "zeros",
         n_directions: int = 1,
+        perturbation: str = "gaussian",
     ):
         super().__init__(model, init=feedback_init)
         if feedback_update not in ("ema", "adam"):
@@ -50,15 +54,24 @@ class FDFA(DirectFeedbackRule):
         self.momentum = float(momentum)
         self.feedback_decay = float(feedback_decay)
         self.n_directions = check_n_directions(n_directions)
+        self.perturbation = check_perturbation(perturbation)
+        self.shapes = [tuple(b.shape[1:]) for b in self.feedback]  # h_l's per-sample shapes
         self.feedback_optimizer = None
         if feedback_update == "adam":
             self.feedback_optimizer = FeedbackAdam(
                 self.feedback.parameters(), lr=feedback_lr, weight_decay=feedback_decay
             )
 
+    def draw_perturbations(self, batch_size: int):
+        """The step's u_l for every block, one generator call: [batch, *h_l] each, or
+        [k, batch, *h_l] with k = n_directions > 1."""
+        k = None if self.n_directions == 1 else self.n_directions
+        ref = self.feedback[0]
+        return draw_block_perturbations(self.perturbation, self.shapes, batch_size, k, ref)
+
     def dual_forward(self, x):
         """One direction: (block outputs, perturbations, logits, logits' tangent [batch, C])."""
-        return dual_forward(self.model, x)
+        return dual_forward(self.model, x, self.draw_perturbations(len(x)))
 
     @staticmethod
     def jacobian_estimates(t, us):
@@ -73,7 +86,8 @@ class FDFA(DirectFeedbackRule):
         if self.n_directions == 1:
             hs, us, logits, t = self.dual_forward(x)
         else:
-            hs, us, logits, t = perturbed_forward(self.model, x, self.n_directions)
+            us = self.draw_perturbations(len(x))
+            hs, us, logits, t = perturbed_forward(self.model, x, self.n_directions, us)
             t, us = t.flatten(0, 1), [u.flatten(0, 1) for u in us]
         loss = self.loss(logits, y)
         self.inject_and_backward(hs, logits, loss)

@@ -2,7 +2,8 @@
 Local Losses").
 
 The perturbations are the ones FDFA uses (same pass, same draws, so their variances compare):
-every block output h_l gets a fresh u_l ~ N(0, I) in the tangent, and one forward-mode pass gives
+every block output h_l gets a fresh u_l in the tangent (u_l ~ N(0, I), or ±1 entries with
+``perturbation=rademacher``: fdfa.rules.perturbation), and one forward-mode pass gives
 the logits' tangent t = sum_l J_l u_l. With e = dL/dlogits, the directional derivative of the
 loss along all perturbations at once is d = sum_n e_n·t_n, and d·u_l is unbiased for dL/dh_l
 because the u_l of different blocks (and samples) are independent with E[u u^T] = I. The estimate
@@ -26,22 +27,41 @@ tangent pass.
 
 import torch
 
-from fdfa.rules.base import LearningRule, OptionError, StepOutput, check_n_directions
+from fdfa.models import hidden_shapes
+from fdfa.rules.base import (
+    LearningRule,
+    OptionError,
+    StepOutput,
+    check_n_directions,
+    check_perturbation,
+    draw_block_perturbations,
+)
 from fdfa.rules.base import perturbed_forward as _perturbed_forward
 
 
 class FGA(LearningRule):
     forward_mode = True
 
-    def __init__(self, model, n_directions: int = 1, per_sample: bool = True):
+    def __init__(
+        self, model, n_directions: int = 1, per_sample: bool = True, perturbation: str = "gaussian"
+    ):
         super().__init__(model)
         self.n_directions = check_n_directions(n_directions)
+        self.perturbation = check_perturbation(perturbation)
+        self.shapes = hidden_shapes(model)  # h_l's per-sample shapes
         if not isinstance(per_sample, bool):
             raise OptionError(f"algorithm.per_sample must be true or false, got {per_sample!r}")
         self.per_sample = per_sample
 
+    def draw_perturbations(self, batch_size: int):
+        """The step's u_l for every block, one generator call: [k, batch, *h_l.shape[1:]] each."""
+        ref = next(self.model.parameters())
+        k = self.n_directions
+        return draw_block_perturbations(self.perturbation, self.shapes, batch_size, k, ref)
+
     def perturbed_forward(self, x, us=None):
         """(hs, us, logits, t): us[l] is [k, batch, *h_l.shape[1:]], t is [k, batch, classes]."""
+        us = self.draw_perturbations(len(x)) if us is None else us
         return _perturbed_forward(self.model, x, self.n_directions, us)
 
     def activity_gradients(self, e, t, us):

@@ -1,8 +1,10 @@
 """Weight-perturbed forward gradient, FG-W (Baydin et al. 2022, "Gradients without Backprop").
 
-Draw v ~ N(0, I) shaped like every parameter; one forward-mode pass gives the directional
-derivative d = ∇L·v of the batch-mean loss, and d·v is an unbiased estimate of ∇L (since
-E[v v^T] = I). With ``n_directions=k`` the step averages d_i·v_i over k independent directions,
+Draw v ~ N(0, I) shaped like every parameter (or ±1 entries with ``perturbation=rademacher``:
+fdfa.rules.perturbation); one forward-mode pass gives the directional derivative d = ∇L·v of the
+batch-mean loss, and d·v is an unbiased estimate of ∇L (since E[v v^T] = I). Its squared error
+has mean (P + 1)|∇L|^2 for Gaussian v and (P - 1)|∇L|^2 for ±1 (|v|^2 = P exactly), P parameters.
+With ``n_directions=k`` the step averages d_i·v_i over k independent directions,
 computed in one batched tangent pass (``vmap`` over ``jvp``; memory grows with k x parameters).
 
 Every parameter is perturbed, the output layer and BatchNorm's affine parameters included: that is
@@ -23,23 +25,31 @@ from fdfa.rules.base import (
     StepOutput,
     batch_statistics_only,
     check_n_directions,
+    check_perturbation,
 )
+from fdfa.rules.perturbation import draw
 
 
 class FGW(LearningRule):
     forward_mode = True
 
-    def __init__(self, model, n_directions: int = 1):
+    def __init__(self, model, n_directions: int = 1, perturbation: str = "gaussian"):
         super().__init__(model)
         self.n_directions = check_n_directions(n_directions)
+        self.perturbation = check_perturbation(perturbation)
 
     def draw_directions(self) -> dict[str, torch.Tensor]:
-        """v ~ N(0, I) per parameter, stacked over the k directions: name -> [k, *p.shape]."""
-        k = self.n_directions
-        return {
-            name: torch.randn(k, *p.shape, device=p.device, dtype=p.dtype)
-            for name, p in self.model.named_parameters()
-        }
+        """v per parameter, stacked over the k directions: name -> [k, *p.shape]; one generator
+        call for all of them."""
+        named = list(self.model.named_parameters())
+        p = named[0][1]
+        shapes = [(self.n_directions, *q.shape) for _, q in named]
+        vs = draw(self.perturbation, shapes, p.device, p.dtype)
+        return {name: v for (name, _), v in zip(named, vs)}
+
+    def draw_perturbations(self, batch_size: int | None = None):
+        """The step's draws (``draw_directions``; the bench times them)."""
+        return self.draw_directions()
 
     def directional_derivatives(self, x, y, directions):
         """d_i = ∇L·v_i for each stacked direction v_i (``directions``: name -> [k, *shape]).
