@@ -232,7 +232,8 @@ def load_torchvision(name: str, root: str, download: bool = True):
                 "them (+55 MB for MNIST); make it writable, or copy the archives into a writable "
                 "dataset.root (env FDFA_DATA_DIR)"
             ) from None
-        _raise_first(_archive_problems(cls, where), f" (a new copy could not be had: {reason})")
+        tried = f" (downloading a new copy failed: {reason})" if download else ""
+        _raise_first(_archive_problems(cls, where), tried)
         raise FdfaError(
             f"{cls_name} not found in {where} and not downloadable ({reason}): put "
             f"{', '.join(files)} into {where}/, or point dataset.root (env FDFA_DATA_DIR) "

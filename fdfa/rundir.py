@@ -59,6 +59,8 @@ class RunDirLock:
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)  # names its holder only while held
             os.close(self.fd)  # releases the lock; the file stays (deleting it would race)
             self.fd = None
 

@@ -342,7 +342,9 @@ class Run:
         ckpt_every = cfg.get("ckpt_every_n_steps") or 0
         check_every = self.LOSS_CHECK_EVERY.get(self.device.type, 1)
         unchecked: list[torch.Tensor] = []  # losses of the steps since the last check
-        loss_sum = torch.zeros((), device=self.device)
+        # float64: sums of float32 losses are then exact, so an epoch split by a checkpoint or a
+        # signal and resumed gives the same train/loss as one run straight through
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.model.train()
         t0 = time.perf_counter()
         batches = tqdm(
@@ -389,7 +391,7 @@ class Run:
         """Raise DivergedError at the first non-finite loss among ``losses`` (the steps up to
         ``last_step``); else return their sum (on the device). Empties ``losses``."""
         if not losses:
-            return torch.zeros((), device=self.device)
+            return torch.zeros((), device=self.device, dtype=torch.float64)
         stacked = torch.stack(losses)
         first_step = last_step - len(losses) + 1
         losses.clear()
@@ -402,7 +404,7 @@ class Run:
                 f"training diverged: loss is {stacked[i].item()} at step {first_step + i} "
                 f"(epoch {self.progress.epoch}, lr {lr:g}); lower optimizer.lr{feedback}"
             )
-        return stacked.sum()
+        return stacked.double().sum()
 
     def _end_epoch(self) -> None:
         p = self.progress
