@@ -2,29 +2,83 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from fdfa.errors import FdfaError
+from fdfa.errors import DiskFullError, FdfaError, is_disk_full, one_line
 
 FORMAT = 1  # bump when the checkpoint layout changes
 # Config sections that may change between a run and its resumption (more epochs, another device...).
 RESUMABLE_CHANGES = ("trainer", "logger", "metrics")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], size_hint: int = 0) -> None:
+    """Write ``path`` through a temp file beside it whose name is unique to this writer, fsync,
+    then rename over ``path``: a crash, a signal or a full disk mid-write leaves ``path`` as it
+    was and no temp file behind. A full disk raises DiskFullError naming the folder and the space
+    needed (``size_hint`` bytes, or what was written when it ran out)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp's is private)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, Exception) and is_disk_full(err):
+            raise disk_full(path.parent, path.name, max(size_hint, written)) from None
+        raise
+
+
+def disk_full(folder: Path, name: str | None = None, needed: int = 0) -> DiskFullError:
+    """The one-line error for a write (of ``name``) in ``folder`` that found no space left."""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    what = f"writing {name} " if name else ""
+    need = f"needs about {needed / 1e6:.1f} MB, " if needed else ""
+    return DiskFullError(
+        f"no space left in {folder} ({what}{need}{free}); free some space (or quota) there and "
+        "rerun the same command to resume, or choose another hydra.run.dir"
+    )
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    data = text.encode()
+    write_atomic(path, lambda f: f.write(data), size_hint=len(data))
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temp file beside ``path``, fsync, then rename over it: a crash mid-write
-    leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through write_atomic: a crash mid-write leaves the previous checkpoint intact."""
+    write_atomic(path, lambda f: torch.save(obj, f), size_hint=tensor_bytes(obj))
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists, tuples): about its size saved."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load(path: Path) -> dict:
@@ -32,10 +86,9 @@ def load(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise FdfaError(
-            f"checkpoint {path} is corrupt or unreadable ({first}); delete it to start over, "
-            "or set trainer.resume to another checkpoint"
+            f"checkpoint {path} is corrupt or unreadable ({one_line(err)}); delete it to start "
+            "over, or set trainer.resume to another checkpoint"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise FdfaError(

@@ -6,15 +6,18 @@ normalised, and (where configured) augmented or resized as one batched op on the
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import math
 import socket
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fdfa.errors import FdfaError
+from fdfa.errors import FdfaError, one_line
 
 # torchvision class name and expected raw files of each dataset name used in conf/dataset/.
 _TORCHVISION = {
@@ -31,6 +34,16 @@ _TORCHVISION = {
 }  # fmt: skip
 
 DOWNLOAD_TIMEOUT_S = 30  # an offline machine must fail fast, not hang on a socket
+
+# The extracted idx files of MNIST and Fashion-MNIST (torchvision reads them, and extracts them
+# only when one is missing): file -> (magic number, number of items). A truncated file or one
+# under another's name (swapped train/test labels) is caught from its 16-byte header and size.
+_IDX_FILES = {
+    "train-images-idx3-ubyte": (2051, 60000),
+    "train-labels-idx1-ubyte": (2049, 60000),
+    "t10k-images-idx3-ubyte": (2051, 10000),
+    "t10k-labels-idx1-ubyte": (2049, 10000),
+}
 
 
 class TensorData:
@@ -204,13 +217,23 @@ def load_torchvision(name: str, root: str, download: bool = True):
     cls = getattr(torchvision.datasets, cls_name)
     root_path = Path(root).expanduser()
     where = (root_path / folder).resolve()
+    if folder.endswith("raw"):  # MNIST, Fashion-MNIST: extracted idx files torchvision would read
+        _raise_first(_idx_problems(where))
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         train = cls(str(root_path), train=True, download=download)
         test = cls(str(root_path), train=False, download=download)
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError variously
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(":")
+        reason = one_line(err)
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS):
+            raise FdfaError(
+                f"{where} is not writable ({reason}): torchvision extracts the archives beside "
+                "them (+55 MB for MNIST); make it writable, or copy the archives into a writable "
+                "dataset.root (env FDFA_DATA_DIR)"
+            ) from None
+        tried = f" (downloading a new copy failed: {reason})" if download else ""
+        _raise_first(_archive_problems(cls, where), tried)
         raise FdfaError(
             f"{cls_name} not found in {where} and not downloadable ({reason}): put "
             f"{', '.join(files)} into {where}/, or point dataset.root (env FDFA_DATA_DIR) "
@@ -218,6 +241,13 @@ def load_torchvision(name: str, root: str, download: bool = True):
         ) from None
     finally:
         socket.setdefaulttimeout(old_timeout)
+    for split, ds in (("train", train), ("test", test)):
+        if len(ds.data) != len(ds.targets):
+            raise FdfaError(
+                f"{cls_name} in {where}: the {split} set has {len(ds.data)} images but "
+                f"{len(ds.targets)} labels (files swapped or mixed up); delete the extracted files "
+                "so torchvision extracts them again from the archives"
+            )
     return (
         _images_as_uint8_nchw(train.data),
         torch.as_tensor(np.asarray(train.targets)),
@@ -225,6 +255,79 @@ def load_torchvision(name: str, root: str, download: bool = True):
         torch.as_tensor(np.asarray(test.targets)),
         len(train.classes),
     )
+
+
+def _raise_first(problems: list[str], suffix: str = "") -> None:
+    if problems:
+        raise FdfaError(problems[0] + suffix)
+
+
+def _archive_problems(cls, where: Path) -> list[str]:
+    """What is wrong with the downloaded archives present in ``where``, against torchvision's
+    published MD5s: corrupt or truncated, or holding another archive (swapped, misnamed)."""
+    if hasattr(cls, "resources"):  # MNIST, FashionMNIST
+        expected = dict(cls.resources)
+    else:  # CIFAR10, CIFAR100
+        expected = {cls.filename: cls.tgz_md5}
+    owner = {md5: name for name, md5 in expected.items()}
+    problems = []
+    for name, md5 in expected.items():
+        path = where / name
+        if not path.is_file():
+            continue
+        got = _md5(path)
+        if got == md5:
+            continue
+        if got in owner:
+            problems.append(
+                f"{path} holds {owner[got]} (its MD5): the archives are swapped or misnamed; "
+                "give each its right name"
+            )
+        else:
+            problems.append(
+                f"{path} is corrupt or truncated ({path.stat().st_size} bytes, MD5 {got}, not "
+                f"torchvision's {md5}): delete it, and put a good copy there or let fdfa "
+                "download it"
+            )
+    return problems
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _idx_problems(where: Path) -> list[str]:
+    """What is wrong with the extracted idx files present in ``where`` (MNIST/raw): a header
+    that is not theirs, another split's item count, or a size that does not fit the header."""
+    problems = []
+    fix = "delete it, and torchvision extracts it again from its .gz"
+    for name, (magic, items) in _IDX_FILES.items():
+        path = where / name
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            header = f.read(16)
+        dims = 3 if magic == 2051 else 1
+        if len(header) < 4 + 4 * dims or struct.unpack(">I", header[:4])[0] != magic:
+            problems.append(f"{path} is not an idx file of {name}'s kind (bad header): {fix}")
+            continue
+        shape = struct.unpack(f">{dims}I", header[4 : 4 + 4 * dims])
+        if shape[0] != items:
+            problems.append(
+                f"{path} holds {shape[0]} items, not {items}: it is another split's file (train "
+                f"and test swapped or misnamed); {fix}"
+            )
+            continue
+        size = 4 + 4 * dims + math.prod(shape)
+        if path.stat().st_size != size:
+            problems.append(
+                f"{path} is truncated or corrupt ({path.stat().st_size} bytes, not {size}): {fix}"
+            )
+    return problems
 
 
 class TorchvisionData(TensorData):

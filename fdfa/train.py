@@ -2,6 +2,8 @@
 
 A run resumes by itself: when its run dir holds last.ckpt (written at the end of every epoch and
 every ``trainer.ckpt_every_n_steps`` steps), it continues from there, bit for bit on the CPU.
+A run holds its run dir's lock for its life; SIGINT/SIGTERM stop it after the step under way,
+with last.ckpt written (fdfa/interrupt.py).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,9 +25,11 @@ from tqdm import tqdm
 
 from fdfa import checkpoint
 from fdfa.cuda_graph import GraphedSteps
-from fdfa.errors import DivergedError, FdfaError
+from fdfa.errors import DivergedError, FdfaError, Interrupted, RunDirRefused, is_disk_full, one_line
+from fdfa.interrupt import StopSignals
 from fdfa.protocol import evaluation_records, select_epoch
 from fdfa.rules.base import rule_optimizers
+from fdfa.rundir import RunDirLock
 from fdfa.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -77,16 +82,28 @@ class Progress:
 
 
 class Run:
-    """Everything one training job builds from its config."""
+    """Everything one training job builds from its config.
+
+    ``record``: files (name -> text) to write into ``<out_dir>/.hydra/`` once the run dir is
+    accepted (no checkpoint of another config there): run.py passes Hydra's config.yaml,
+    hydra.yaml and overrides.yaml, so a refused attempt leaves the run's own record as it was.
+    ``stop``: the StopSignals that train() installed (a SIGINT/SIGTERM ends the run cleanly)."""
 
     def __init__(
-        self, cfg: DictConfig, out_dir: str | Path, names: dict | None = None, callbacks=()
+        self,
+        cfg: DictConfig,
+        out_dir: str | Path,
+        names: dict | None = None,
+        callbacks=(),
+        record: dict[str, str] | None = None,
+        stop: StopSignals | None = None,
     ):
         validate_config(cfg)
         self.cfg = cfg
         # Objects with ``on_evaluation(run, record)``, called after each evaluation is logged; one
         # may raise to end the run (a sweeper's pruner raises optuna.TrialPruned).
         self.callbacks = list(callbacks)
+        self.stop = stop or StopSignals()  # not entered: no handlers, signum stays None
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.out_dir / "last.ckpt"
@@ -96,6 +113,9 @@ class Run:
         resumed = checkpoint.load(resume_from) if resume_from else None
         if resumed:
             self._check_compatible(resumed, resume_from)
+        for name, text in (record or {}).items():  # the dir is this run's: record its config
+            (self.out_dir / ".hydra").mkdir(exist_ok=True)
+            checkpoint.write_text_atomic(self.out_dir / ".hydra" / name, text)
 
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.trainer.device)
@@ -163,7 +183,7 @@ class Run:
     def _check_compatible(self, ckpt: dict, path: Path) -> None:
         diffs = checkpoint.config_differences(ckpt["config"], self.resolved)
         if diffs:
-            raise FdfaError(
+            raise RunDirRefused(
                 f"checkpoint {path} belongs to another config ({'; '.join(diffs[:3])}); "
                 "use a new hydra.run.dir, or trainer.resume=never to start over here"
             )
@@ -199,9 +219,8 @@ class Run:
             known = {f.name for f in fields(Progress)}  # older checkpoints kept more
             self.progress = Progress(**{k: v for k, v in ckpt["progress"].items() if k in known})
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise FdfaError(
-                f"checkpoint {path} does not fit this model and rule ({first}); "
+                f"checkpoint {path} does not fit this model and rule ({one_line(err)}); "
                 "use a new hydra.run.dir, or trainer.resume=never to start over here"
             ) from None
         self.records = list(ckpt["records"])
@@ -213,16 +232,19 @@ class Run:
 
     def _write_records(self) -> None:
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
-        tmp = self.out_dir / "metrics.jsonl.tmp"
-        tmp.write_text(lines)
-        tmp.replace(self.out_dir / "metrics.jsonl")
+        checkpoint.write_text_atomic(self.out_dir / "metrics.jsonl", lines)
 
     # ---- training ----------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
         self.records.append(record)
-        with (self.out_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with (self.out_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a torn last line is rewritten from last.ckpt on resume
+            if is_disk_full(err):
+                raise checkpoint.disk_full(self.out_dir, "metrics.jsonl") from None
+            raise
         for logger in self.loggers:
             logger.log_metrics(record, step=record["step"])
 
@@ -233,29 +255,51 @@ class Run:
         return p.epoch >= cfg.epochs or p.step >= (cfg.max_steps or float("inf"))
 
     def fit(self) -> dict:
-        """Train; write summary.json and finish every logger, also when training fails."""
+        """Train; write summary.json and finish every logger, also when training fails or is
+        interrupted (status ``interrupted``, after last.ckpt was written)."""
         if self.done():
             log.info("run in %s already finished; nothing to do", self.out_dir)
             summary = {"status": "completed", **self._totals(), **self.names, "seed": self.cfg.seed}
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self._write_summary(summary)
             return summary
         summary = {"status": "failed"}
-        try:
-            self._start_loggers()
-            self._fit()
-            summary["status"] = "completed"
-        except BaseException as err:
-            if isinstance(err, DivergedError):
-                summary["status"] = "diverged"
-            elif type(err).__name__ == "TrialPruned":  # optuna's, raised by a sweep's pruner
-                summary["status"] = "pruned"
-            raise
-        finally:
-            summary.update(self._totals(), **self.names, seed=self.cfg.seed)
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            for logger in self.loggers:
-                logger.finish(summary)
+        with self.stop.deferred():  # a signal now only sets stop.signum; the loop stops on it
+            try:
+                self._start_loggers()
+                self._fit()
+                summary["status"] = "completed"
+            except BaseException as err:
+                if isinstance(err, DivergedError):
+                    summary["status"] = "diverged"
+                elif isinstance(err, KeyboardInterrupt):  # Interrupted, or a Ctrl-C unhandled
+                    summary["status"] = "interrupted"
+                elif type(err).__name__ == "TrialPruned":  # optuna's, raised by a sweep's pruner
+                    summary["status"] = "pruned"
+                self._finish(summary, failing=True)  # never masks err
+                if isinstance(err, Exception) and is_disk_full(err):
+                    if not isinstance(err, FdfaError):  # e.g. a logger's file
+                        raise checkpoint.disk_full(self.out_dir) from None
+                raise
+            self._finish(summary, failing=False)  # a signal now: the run is complete anyway
         return summary
+
+    def _finish(self, summary: dict, failing: bool) -> None:
+        """summary.json, then every logger's finish. While another error propagates, a summary
+        that cannot be written only logs a warning (and removes a stale summary.json)."""
+        summary.update(self._totals(), **self.names, seed=self.cfg.seed)
+        try:
+            self._write_summary(summary)
+        except Exception as err:
+            if not failing:
+                raise
+            log.warning("summary.json not written (%s)", one_line(err))
+            (self.out_dir / "summary.json").unlink(missing_ok=True)  # it would tell an old story
+        for logger in self.loggers:
+            logger.finish(summary)
+
+    def _write_summary(self, summary: dict) -> None:
+        text = json.dumps(summary, indent=2) + "\n"
+        checkpoint.write_text_atomic(self.out_dir / "summary.json", text)
 
     def _fit(self) -> None:
         p, data = self.progress, self.data
@@ -268,7 +312,25 @@ class Run:
                 p.epoch += 1
                 p.perm, p.batch, p.loss_sum = data.epoch_permutation(), 0, 0.0
             self._train_epoch()
-            self._end_epoch()
+            stopped_mid_epoch = p.batch < data.steps_per_epoch and p.step < self._max_steps()
+            if self.stop.signum and stopped_mid_epoch:
+                self.save_checkpoint()  # mid-epoch: a rerun continues with the next batch
+                self._interrupted()
+            self._end_epoch()  # writes last.ckpt
+            if self.stop.signum and not self.done():
+                self._interrupted()
+
+    def _max_steps(self) -> float:
+        return self.cfg.trainer.max_steps or float("inf")
+
+    def _interrupted(self):
+        p, signum = self.progress, self.stop.signum
+        name = signal.Signals(signum).name
+        log.warning("%s: stopped at epoch %d, step %d; last.ckpt written", name, p.epoch, p.step)
+        raise Interrupted(
+            signum, f"interrupted by {name} at epoch {p.epoch}, step {p.step}: last.ckpt saved in "
+            f"{self.out_dir}; rerun the same command to resume",
+        )  # fmt: skip
 
     # Checking a loss for NaN/inf reads it back from the device. On the CPU that is free, so every
     # step is checked; on a GPU it would stall the queue of kernels each step, so the losses stay
@@ -283,7 +345,9 @@ class Run:
         ckpt_every = cfg.get("ckpt_every_n_steps") or 0
         check_every = self.LOSS_CHECK_EVERY.get(self.device.type, 1)
         unchecked: list[torch.Tensor] = []  # losses of the steps since the last check
-        loss_sum = torch.zeros((), device=self.device)
+        # float64: sums of float32 losses are then exact, so an epoch split by a checkpoint or a
+        # signal and resumed gives the same train/loss as one run straight through
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.model.train()
         t0 = time.perf_counter()
         batches = tqdm(
@@ -320,7 +384,7 @@ class Run:
                 p.train_time += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 self.save_checkpoint()
-            if p.step >= max_steps:
+            if p.step >= max_steps or self.stop.signum:  # a signal: stop after this step
                 break
         loss_sum += self._check_losses(unchecked, p.step)
         p.loss_sum += loss_sum.item()  # one sync per epoch
@@ -330,7 +394,7 @@ class Run:
         """Raise DivergedError at the first non-finite loss among ``losses`` (the steps up to
         ``last_step``); else return their sum (on the device). Empties ``losses``."""
         if not losses:
-            return torch.zeros((), device=self.device)
+            return torch.zeros((), device=self.device, dtype=torch.float64)
         stacked = torch.stack(losses)
         first_step = last_step - len(losses) + 1
         losses.clear()
@@ -338,11 +402,12 @@ class Run:
         if not finite.all():
             i = int((~finite).nonzero()[0])
             lr = self.optimizer.param_groups[0]["lr"]
+            feedback = " (or algorithm.feedback_lr)" if "feedback_lr" in self.cfg.algorithm else ""
             raise DivergedError(
                 f"training diverged: loss is {stacked[i].item()} at step {first_step + i} "
-                f"(epoch {self.progress.epoch}, lr {lr:g}); lower optimizer.lr"
+                f"(epoch {self.progress.epoch}, lr {lr:g}); lower optimizer.lr{feedback}"
             )
-        return stacked.sum()
+        return stacked.double().sum()
 
     def _end_epoch(self) -> None:
         p = self.progress
@@ -397,6 +462,15 @@ class Run:
         }
 
 
-def train(cfg: DictConfig, out_dir: str | Path, names: dict | None = None, callbacks=()) -> dict:
-    """Build everything from ``cfg``, train, write metrics.jsonl and summary.json."""
-    return Run(cfg, out_dir, names, callbacks).fit()
+def train(
+    cfg: DictConfig,
+    out_dir: str | Path,
+    names: dict | None = None,
+    callbacks=(),
+    record: dict[str, str] | None = None,
+) -> dict:
+    """Build everything from ``cfg``, train, write metrics.jsonl and summary.json; holding the
+    run dir's lock (a live run there: RunDirRefused) and stopping cleanly on SIGINT/SIGTERM
+    (Interrupted, after last.ckpt and summary.json are written)."""
+    with RunDirLock(out_dir), StopSignals() as stop:
+        return Run(cfg, out_dir, names, callbacks, record=record, stop=stop).fit()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -20,19 +21,22 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (inf and nan are never a valid setting)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _integer(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+
 # key -> (accepts the value, what it must be). A key absent from the config is not checked.
 CHECKS = {
-    "seed": (_integer, "an integer"),
-    "optimizer.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "optimizer.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "algorithm.feedback_lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "seed": (lambda v: _integer(v) and 0 <= v <= SEED_MAX, f"an integer in [0, {SEED_MAX}]"),
+    "optimizer.lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "optimizer.weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "algorithm.feedback_lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
     "algorithm.feedback_decay": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "algorithm.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "algorithm.n_directions": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
@@ -43,13 +47,16 @@ CHECKS = {
     "model.n_layers": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "model.width": (lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
     "model.input_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
-    "dataset.batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "dataset.batch_size": (
+        lambda v: _integer(v) and v >= 2,
+        "an integer >= 2 (BatchNorm needs 2 samples per batch)",
+    ),
     "dataset.test_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "dataset.val_size": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     "dataset.split_seed": (_integer, "an integer"),
     "dataset.subset": (lambda v: v is None or (_integer(v) and v >= 2), "null or an integer >= 2"),
     "dataset.augment": (lambda v: v in ("none", "flip_crop"), "none or flip_crop"),
-    "scheduler.gamma": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "scheduler.gamma": (lambda v: _number(v) and v > 0, "a finite number > 0"),
     "trainer.epochs": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "trainer.max_steps": (
         lambda v: v is None or (_integer(v) and v >= 1),

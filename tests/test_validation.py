@@ -20,7 +20,7 @@ def one_error_line(res):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("optimizer.lr=abc", "optimizer.lr must be a number > 0, got 'abc'"),
+        ("optimizer.lr=abc", "optimizer.lr must be a finite number > 0, got 'abc'"),
         ("algorithm.momentum=1.0", "algorithm.momentum must be a number in [0, 1), got 1.0"),
         ("model=cnn", "model=cnn cannot take (1, 8, 8) inputs"),  # the model vs the dataset
     ],
@@ -56,11 +56,11 @@ def test_cli_corrupt_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optimizer.lr=0", "optimizer.lr must be a number > 0, got 0"),
-        ("optimizer.lr=-1e-3", "optimizer.lr must be a number > 0"),
+        ("optimizer.lr=0", "optimizer.lr must be a finite number > 0, got 0"),
+        ("optimizer.lr=-1e-3", "optimizer.lr must be a finite number > 0"),
         ("algorithm.momentum=-0.1", "algorithm.momentum must be a number in [0, 1)"),
-        ("dataset.batch_size=0", "dataset.batch_size must be an integer >= 1, got 0"),
-        ("dataset.batch_size=1.5", "dataset.batch_size must be an integer >= 1, got 1.5"),
+        ("dataset.batch_size=0", "dataset.batch_size must be an integer >= 2 (BatchNorm needs 2"),
+        ("dataset.batch_size=1.5", "dataset.batch_size must be an integer >= 2 (BatchNorm"),
         ("trainer.epochs=0", "trainer.epochs must be an integer >= 1, got 0"),
         ("trainer.device=tpu", "trainer.device must be auto, cpu or cuda"),
         ("trainer.cuda_graph=maybe", "trainer.cuda_graph must be true or false"),

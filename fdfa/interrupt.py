@@ -1,0 +1,60 @@
+"""SIGINT (Ctrl-C) and SIGTERM (what SLURM and `kill` send first) as a clean stop of a run."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+from fdfa.errors import Interrupted
+
+
+class StopSignals:
+    """``with StopSignals() as stop:`` catches SIGINT and SIGTERM (in the main thread only; the
+    previous handlers come back at the end of the block).
+
+    Outside ``stop.deferred()`` a signal raises Interrupted at once: nothing is lost while a run
+    is still being built. Inside it, the first signal only sets ``stop.signum``; the training
+    loop looks at it after each step, writes last.ckpt and raises Interrupted itself. A second
+    signal raises at once (the last checkpoint written stays intact)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._deferring = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    @contextmanager
+    def deferred(self):
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self._deferring and self.signum is None:
+            self.signum = signum  # the loop stops after this step
+            return
+        if self._deferring:
+            raise Interrupted(
+                signum, f"interrupted by {name} a second time: stopped at once; the last "
+                "checkpoint written is intact, rerun the same command to resume from it",
+            )  # fmt: skip
+        raise Interrupted(
+            signum, f"interrupted by {name} before training started; rerun the same command "
+            "to start (or resume) the run",
+        )  # fmt: skip
