@@ -229,21 +229,27 @@ def test_mean_band_over_seeds_with_missing_points():
 
 def test_skipped_runs_and_plots_are_reported_with_reasons(runs, report):
     result, out = report
-    reasons = {path.rsplit("/", 1)[-1]: why for path, why in result.skipped}
+    reasons = {s.what.rsplit("/", 1)[-1]: s.why for s in result.skipped}
     assert "diverged" in reasons["fdfa-diverged"] and "completed" in reasons["fdfa-diverged"]
-    assert "no summary.json" in reasons["crashed"]
+    assert "3 of 3 epochs done" in reasons["fdfa-diverged"]  # what its records say
+    assert "no summary.json, no records: it failed before training" in reasons["crashed"]
     assert "no metrics.jsonl" in reasons["no-metrics"]
-    assert any(what.startswith("align_synthetic_fc.png, bp") for what, _ in result.skipped)
+    assert reasons["align_synthetic_fc.png"] == "1 of 2 rows logged no align/<layer>/cos (bp)"
     md = (out / "results.md").read_text()
     assert "## Skipped" in md and "fdfa-diverged" in md and "no summary.json" in md
+    assert "### not completed (1)" in md and "### plot panel (3)" in md
 
 
-def test_cli_prints_what_it_skipped(runs, tmp_path, capsys):
+def test_cli_prints_what_it_skipped_in_one_line(runs, tmp_path, capsys):
     assert main([str(runs / "single"), "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert printed.startswith("2 runs in 1 rows")
-    assert "skipped" in printed and "no-metrics" in printed and "no metrics.jsonl" in printed
-    assert "align_synthetic_fc.png: no run of synthetic / fc logged align/<layer>/cos" in printed
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("2 runs in 1 rows")
+    assert printed[1:] == [
+        "skipped 4 items: 1 no records, 3 plot (each with why: end of results.md)"
+    ]
+    md = (tmp_path / "results.md").read_text()
+    assert "no-metrics: no metrics.jsonl" in md
+    assert "align_synthetic_fc.png: no run of synthetic / fc logged align/<layer>/cos" in md
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["acc_synthetic_fc.png"]
 
 
