@@ -288,20 +288,21 @@ def find_run_dirs(dirs) -> list[Path]:
     return sorted(found)
 
 
-def _read_text(path: Path) -> str:
+def _read_text(run_dir: Path, name: str) -> str:
+    """The text of the file ``name`` (e.g. "summary.json") of a run dir."""
     try:
-        return path.read_text()
+        return (run_dir / name).read_text()
     except UnicodeDecodeError as err:
-        raise Unusable(f"{path.name} is not text (a bad byte at offset {err.start})") from None
+        raise Unusable(f"{name} is not text (a bad byte at offset {err.start})") from None
     except OSError as err:
-        raise Unusable(f"{path.name} cannot be read ({err.strerror or err})") from None
+        raise Unusable(f"{name} cannot be read ({err.strerror or err})") from None
 
 
 def read_records(path: Path) -> list[dict]:
     """metrics.jsonl's records; Unusable names the first line that is not a JSON object, or an
     evaluation record whose epoch or test/acc cannot be right."""
     records = []
-    for i, line in enumerate(_read_text(path / "metrics.jsonl").splitlines(), 1):
+    for i, line in enumerate(_read_text(path, "metrics.jsonl").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -313,8 +314,12 @@ def read_records(path: Path) -> list[dict]:
         epoch = record.get("epoch")
         if "epoch" in record and not (_integer(epoch) and epoch >= 1):
             raise Unusable(f"metrics.jsonl line {i}: epoch must be an integer >= 1, got {epoch!r}")
-        if "test/acc" in record and not (_number(record["test/acc"]) and "epoch" in record):
-            raise Unusable(f"metrics.jsonl line {i}: test/acc without an epoch, or not a number")
+        acc = record.get("test/acc")
+        if "test/acc" in record and not (_number(acc) and 0 <= acc <= 1 and "epoch" in record):
+            raise Unusable(
+                f"metrics.jsonl line {i}: test/acc must be a fraction in [0, 1] with an epoch, "
+                f"got {acc!r}"
+            )
         records.append(record)
     return records
 
@@ -324,7 +329,7 @@ def read_config(path: Path) -> dict | None:
     config_path = path / ".hydra" / "config.yaml"
     if not config_path.is_file():
         return None
-    _read_text(config_path)  # bad bytes: one clear reason
+    _read_text(path, ".hydra/config.yaml")  # bad bytes: one clear reason
     try:
         config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
     except (yaml.YAMLError, ValueError) as err:
@@ -343,8 +348,8 @@ def unfinished_reason(path: Path, status: str | None, config: dict | None) -> Un
     done = evaluations[-1]["epoch"] if evaluations else 0
     progress = f"{done}{f' of {target}' if _integer(target) else ''} epochs done"
     if records:
-        last = records[-1]
-        progress += f" (last record: epoch {last.get('epoch')}, step {last.get('step')})"
+        last = ", ".join(f"{k} {records[-1][k]}" for k in ("epoch", "step") if k in records[-1])
+        progress += f" (last record: {last})"
     has_ckpt = (path / "last.ckpt").is_file()
     progress += "; last.ckpt " + ("present" if has_ckpt else "absent")
     if status is None and not records and not has_ckpt:
@@ -368,7 +373,7 @@ def load_run(path: Path) -> RunData:
     if not summary_path.is_file():
         raise unfinished_reason(path, None, config)
     try:
-        summary = json.loads(_read_text(summary_path))
+        summary = json.loads(_read_text(path, "summary.json"))
     except json.JSONDecodeError as err:
         raise Unusable(f"summary.json is not valid JSON ({err})") from None
     if not isinstance(summary, dict):
