@@ -369,7 +369,7 @@ def load_run(path: Path) -> RunData:
     summary_path, metrics_path = path / "summary.json", path / "metrics.jsonl"
     config = read_config(path)
     if config is None and path.parent.name == "bench":
-        raise Unusable("a benchmark run (python -m fdfa.bench), not an experiment", "benchmark")
+        raise Unusable("a benchmark run (python -m fdfa.bench), not an experiment", "benchmark run")
     if not summary_path.is_file():
         raise unfinished_reason(path, None, config)
     try:
@@ -689,13 +689,13 @@ def make_plots(rows: list[Row], out: Path) -> tuple[list[Path], list[Skip]]:
             with_data = [row for row in group if any(r.layers(key_fmt) for r in row.runs)]
             name = f"{prefix}_{_slug(dataset)}_{_slug(model)}.png"
             if not with_data:
-                skipped.append(Skip(name, f"no run of {title} logged {key}", "plot"))
+                skipped.append(Skip(name, f"no run of {title} logged {key}", "plot not drawn"))
                 continue
             without = [row for row in group if row not in with_data]
             if without:
                 rules = ", ".join(dict.fromkeys(row.runs[0].names[2] for row in without))
                 why = f"{len(without)} of {len(group)} rows logged no {key} ({rules})"
-                skipped.append(Skip(name, why, "plot panel"))
+                skipped.append(Skip(name, why, "plot missing some rows"))
             path = out / name
             plot_layers(with_data, key_fmt, f"{title}: {what}", ylabel, path, prefix == "estimator")
             plots.append(path)

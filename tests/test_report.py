@@ -247,7 +247,7 @@ def test_skipped_runs_and_plots_are_reported_with_reasons(runs, report):
     assert reasons["align_synthetic_fc.png"] == "1 of 2 rows logged no align/<layer>/cos (bp)"
     md = (out / "results.md").read_text()
     assert "## Skipped" in md and "fdfa-diverged" in md and "no summary.json" in md
-    assert "### not completed (1)" in md and "### plot panel (3)" in md
+    assert "### not completed (1)" in md and "### plot missing some rows (3)" in md
 
 
 def test_cli_prints_what_it_skipped_in_one_line(runs, tmp_path, capsys):
@@ -255,7 +255,7 @@ def test_cli_prints_what_it_skipped_in_one_line(runs, tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("2 runs in 1 rows")
     assert printed[1:] == [
-        "skipped 4 items: 1 no records, 3 plot (each with why: end of results.md)"
+        "skipped 4 items: 1 no records, 3 plot not drawn (each with why: end of results.md)"
     ]
     md = (tmp_path / "results.md").read_text()
     assert "no-metrics: no metrics.jsonl" in md
@@ -391,10 +391,9 @@ def test_mixed_folder_says_why_each_run_was_left_out(mixed, mixed_report):
         "no summary.json: interrupted or still running, 2 of 3 epochs done (last record: epoch 2,"
     )
     assert "last.ckpt present; rerun with hydra.run.dir=<this dir> to resume" in killed.why
-    assert skipped["outputs/bench/fdfa"].kind == "benchmark"
-    assert {s.kind for s in result.skipped} == {
-        "rerun of the same seed", "interrupted or running", "benchmark", "plot panel"
-    }  # fmt: skip
+    assert skipped["outputs/bench/fdfa"].kind == "benchmark run"
+    kinds = ["rerun of the same seed", "interrupted or running", "benchmark run"]
+    assert {s.kind for s in result.skipped} == {*kinds, "plot missing some rows"}
     assert all(len(s.why) < 200 for s in result.skipped)
 
 
@@ -403,7 +402,7 @@ def test_mixed_folder_cli_output_is_short(mixed, tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 and all(len(line) < 300 for line in printed)
     assert printed[1].startswith("skipped 6 items: ")
-    assert "1 rerun of the same seed" in printed[1] and "1 benchmark" in printed[1]
+    assert "1 rerun of the same seed" in printed[1] and "1 benchmark run" in printed[1]
 
 
 def test_accuracy_legend_never_eats_the_plot(runs, tmp_path):
