@@ -111,6 +111,11 @@ def preflight(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 _check_writable(Path(arg[len(key) :].strip("'\"")), key[:-1])
 
 
+# Classes of these packages are fdfa's own configs (conf/); a node with any other _target_ is the
+# user's and takes any key.
+OWN_PACKAGES = ("fdfa", "torch")
+
+
 def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Refuse a key the composed config does not have, with or without ``+``/``++``, naming the
     closest valid key: Hydra refuses ``trainer.epoch=1`` with a hint to add ``+``, and then
@@ -118,7 +123,7 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     ``_target_`` set on the command line, or one not in conf/) takes any key."""
     try:
         overrides = OverridesParser.create().parse_overrides(
-            [a for a in argv if "=" in a and not a.startswith("-")]
+            [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]
         )
     except HydraException:
         return  # Hydra's own grammar error comes later, with its message
@@ -128,7 +133,7 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         for o in overrides
         if not _is_group(o, conf_dir)
         and o.type in (OverrideType.CHANGE, OverrideType.ADD, OverrideType.FORCE_ADD)
-        and o.key_or_group.split(".")[0] != "hydra"
+        and o.key_or_group.split("/")[0].split(".")[0] != "hydra"  # Hydra's own
     ]
     if not keys:
         return
@@ -137,11 +142,13 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     except HydraException:
         return  # a bad combination of options: Hydra says which when it composes
     known = set().union(*(c for c, _ in configs))
-    own = set(re.findall(r"_target_:\s*(\S+)", "".join(
-        f.read_text() for f in conf_dir.rglob("*.yaml")
-    )))  # fmt: skip
     free = {k.removesuffix("._target_") for k in keys if k.endswith("._target_")}
-    free |= {node for _, targets in configs for node, t in targets.items() if t not in own}
+    free |= {
+        node
+        for _, targets in configs
+        for node, target in targets.items()
+        if target.split(".")[0] not in OWN_PACKAGES
+    }
     for key in keys:
         parts = key.split(".")
         if key in known or any(".".join(parts[:i]) in free for i in range(1, len(parts))):
@@ -150,25 +157,24 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
 
 
 def _is_group(override: Override, conf_dir: Path) -> bool:
-    name = override.key_or_group
-    return name.startswith("hydra/") or (conf_dir / name).is_dir()
+    """A choice of fdfa's groups (algorithm=bp, ~model, experiment=...), not a key."""
+    return (conf_dir / override.key_or_group).is_dir()
 
 
 def _compositions(groups: list[Override], conf_dir: Path):
-    """The configs of the chosen group options: the first value of each group, then each other
-    value of a swept group with the others at their first (not the whole product)."""
-    choices = {
-        o.key_or_group: list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+    """The configs of the chosen group options: the first value of each swept group, then each
+    other value of a swept group with the others at their first (not the whole product)."""
+    fixed = [o.input_line for o in groups if not o.is_sweep_override()]
+    swept = {
+        o.input_line.split("=", 1)[0]: list(o.sweep_string_iterator())
         for o in groups
-        if not o.key_or_group.startswith("hydra/")
+        if o.is_sweep_override()
     }
-    first = {g: values[0] for g, values in choices.items()}
-    variants = [first] + [
-        {**first, g: v} for g, values in choices.items() for v in values[1:]
-    ]  # fmt: skip
+    first = {g: values[0] for g, values in swept.items()}
+    variants = [first] + [{**first, g: v} for g, values in swept.items() for v in values[1:]]
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         for chosen in variants:
-            yield compose("config", [f"{g}={v}" for g, v in chosen.items()])
+            yield compose("config", fixed + [f"{g}={v}" for g, v in chosen.items()])
 
 
 def _flat_keys(cfg: DictConfig) -> tuple[set[str], dict[str, str]]:
