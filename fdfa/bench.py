@@ -193,7 +193,7 @@ def bench_epochs(rules, root, device, epochs=1, overrides=()):
         cfg = _compose([f"algorithm={name}", f"dataset.root={root}", f"trainer.epochs={epochs}",
                         f"trainer.device={device.type}", "logger=none", "trainer.progress=false",
                         "trainer.resume=never", *overrides])  # fmt: skip
-        out = Path("outputs") / "bench" / name
+        out = Path("bench") / name  # not outputs/: reports of outputs/ never see these runs
         summary = train(cfg, out)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rows.append({

@@ -221,6 +221,7 @@ def test_forward_gradient_rules_report_the_variance_of_their_update(rule_cls):
     assert not any(k.startswith("feedback/") for k in m)
 
 
+@pytest.mark.slow
 def test_fdfa_feedback_aligns_with_the_true_jacobian_during_a_short_mnist_run(mnist_root):
     torch.manual_seed(0)
     data = TorchvisionData("mnist", str(mnist_root), subset=2048, batch_size=64)

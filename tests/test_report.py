@@ -10,6 +10,7 @@ import warnings
 
 import matplotlib.image
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fdfa.report import (
@@ -72,6 +73,15 @@ def test_preset_composes_with_the_reference_hyperparameters(preset):
     # the command line still wins over the preset
     cfg = compose_config([f"experiment={preset}", "dataset=fake", "trainer.epochs=2"])
     assert cfg.dataset._target_ == "fdfa.data.FakeImageData" and cfg.trainer.epochs == 2
+
+
+@pytest.mark.slow
+def test_compare_sweep_runs_every_rule_with_three_seeds():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["sweep=compare"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params.algorithm.split(",") == ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a"]
+    assert sorted(params.algorithm.split(",")) == ALGORITHMS and params.seed == "0,1,2"
 
 
 def test_experiment_multirun_lands_under_one_sweep_dir(tmp_path):

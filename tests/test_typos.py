@@ -48,6 +48,7 @@ def test_valid_and_user_plugged_keys_pass(args):
     preflight(args)
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_typo_in_one_line_before_any_work(tmp_path):
     res = run_cli(["+trainer.epoch=1", f"hydra.run.dir={tmp_path / 'run'}"])
     assert res.returncode == 2 and "Traceback" not in res.stderr
