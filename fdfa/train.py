@@ -152,10 +152,34 @@ class Run:
             return None
         if choice == "auto":
             return self.ckpt_path if self.ckpt_path.exists() else None
+        if choice == "latest":
+            return self.ckpt_path if self.ckpt_path.exists() else self._latest_unfinished()
         path = Path(choice)
         if not path.is_file():
             raise FdfaError(f"trainer.resume={choice}: no such checkpoint file")
         return path
+
+    def _latest_unfinished(self) -> Path | None:
+        """trainer.resume=latest: the last.ckpt of the newest unfinished run of this config (all
+        but trainer, logger, metrics) beside this run dir: outputs/<name>/*/ for single runs,
+        multirun/*/<same job dir>/ for sweeps; None (a fresh start) if there is none."""
+        here = self.out_dir.resolve()
+        found = []
+        for d in {*here.parent.glob("*/"), *here.parent.parent.glob(f"*/{here.name}/")}:
+            summary, config = d / "summary.json", d / ".hydra" / "config.yaml"
+            if d == here or not ((d / "last.ckpt").is_file() and config.is_file()):
+                continue
+            try:
+                saved = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+                status = json.loads(summary.read_text())["status"] if summary.is_file() else None
+            except Exception:  # an unreadable or foreign run dir is not one of this config's
+                continue
+            if status != "completed" and not checkpoint.config_differences(saved, self.resolved):
+                found.append(d / "last.ckpt")
+        if not found:
+            log.info("trainer.resume=latest: no unfinished run of this config; starting fresh")
+            return None
+        return max(found, key=lambda path: path.stat().st_mtime)
 
     def _check_compatible(self, ckpt: dict, path: Path) -> None:
         diffs = checkpoint.config_differences(ckpt["config"], self.resolved)
