@@ -25,14 +25,15 @@ def records(run_dir):
 def test_resume_latest_continues_the_newest_unfinished_run_of_this_config(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="fdfa.train")
     runs = tmp_path / "outputs" / "fdfa-fc-fake"
-    hydra_run(runs / "1-finished", "trainer.epochs=1")  # finished: not resumed
-    hydra_run(runs / "2-other-config", "trainer.epochs=1", "optimizer.lr=3e-3")
-    hydra_run(runs / "3-killed", "trainer.epochs=1")
-    (runs / "3-killed" / "summary.json").unlink()  # as a killed run leaves it
+    hydra_run(runs / "1-killed", "trainer.epochs=1")
+    (runs / "1-killed" / "summary.json").unlink()  # as a killed run leaves it
+    hydra_run(runs / "2-finished", "trainer.epochs=1")  # newer, but finished: not resumed
+    hydra_run(runs / "3-other-config", "trainer.epochs=1", "optimizer.lr=3e-3")  # newest
+    (runs / "3-other-config" / "summary.json").unlink()
     summary = hydra_run(runs / "4-rerun", "trainer.epochs=2")
-    assert f"resuming from {runs / '3-killed' / 'last.ckpt'}: epoch 1, step 8" in caplog.text
+    assert f"resuming from {runs / '1-killed' / 'last.ckpt'}: epoch 1, step 8" in caplog.text
     assert summary["epochs"] == 2 and summary["steps"] == 16
-    assert records(runs / "4-rerun")[0] == records(runs / "3-killed")[0]  # epoch 1 not redone
+    assert records(runs / "4-rerun")[0] == records(runs / "1-killed")[0]  # epoch 1 not redone
 
 
 def test_resume_latest_without_an_unfinished_run_starts_fresh(tmp_path, caplog):
