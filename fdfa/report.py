@@ -419,9 +419,9 @@ def drop_reruns(runs: list[RunData]) -> tuple[list[RunData], list[Skip]]:
     Runs without a seed are all kept (nothing says they repeat each other)."""
     latest, skipped = {}, []
     for run in sorted(runs, key=RunData.finished_at, reverse=True):
-        key = run.identity()
-        if run.seed is None or key not in latest:
-            latest.setdefault(key if run.seed is not None else id(run), run)
+        key = run.identity() if run.seed is not None else id(run)
+        if key not in latest:
+            latest[key] = run
             continue
         kept = _short_path(latest[key].path)
         why = f"same config and seed {run.seed} as {kept}, which finished later: counted once"
