@@ -663,7 +663,7 @@ def plot_layers(
         if log and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
             ax.set_yscale("log")
         _plain_y(ax)
-        ax.set(xlabel="step", ylabel=ylabel, title=row.label)
+        ax.set(xlabel="step", ylabel=ylabel, title=textwrap.fill(row.label, 45))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     for ax in axes[len(rows) :]:
