@@ -353,7 +353,11 @@ def unfinished_reason(path: Path, status: str | None, config: dict | None) -> Un
     has_ckpt = (path / "last.ckpt").is_file()
     progress += "; last.ckpt " + ("present" if has_ckpt else "absent")
     if status is None and not records and not has_ckpt:
-        return Unusable("no summary.json, no records: it failed before training or is starting")
+        return Unusable(
+            "no summary.json, no records: stopped or failed before its first epoch ended, "
+            "or still in it",
+            "no records",
+        )
     if status is None or status == "interrupted":
         what = "interrupted" if status else "no summary.json: interrupted or still running"
         resume = "; rerun with hydra.run.dir=<this dir> to resume" if has_ckpt else ""
