@@ -432,16 +432,16 @@ def test_accuracy_legend_never_eats_the_plot(runs, tmp_path):
 
 def test_single_experiment_plots_have_plain_ticks(runs, tmp_path):
     """BP's cosine is 1 to 1e-12: no offset label; one epoch: integer ticks only."""
-    run = load_run(runs / "single" / "bp-0")
-    run.records = [r for r in run.records if r["epoch"] == 1]
-    for step in (10, 20, 30):
-        run.records.append({"step": step, "align/fc1/cos": 1 - 1e-13 * step})
-    rows = [Row("synthetic", "fc", "bp", "", [run])]
+    flat, close = load_run(runs / "single" / "bp-0"), load_run(runs / "single" / "bp-0")
+    for run, slope in ((flat, 1e-13), (close, 1e-5)):  # BP's 1 to 1e-12; near 1: an offset's case
+        run.records = [r for r in run.records if r["epoch"] == 1]
+        run.records += [{"step": s, "align/fc1/cos": 1 - slope * s} for s in (10, 20, 30)]
+    rows = [Row("synthetic", "fc", name, "", [run]) for name, run in (("bp", flat), ("x", close))]
     fig = plot_layers(rows, "align/{}/cos", "align", "cos", tmp_path / "align.png")
     fig.canvas.draw()
-    ax = fig.axes[0]
-    assert ax.yaxis.get_major_formatter().get_offset() == ""
-    assert ax.get_ylim()[1] - ax.get_ylim()[0] > 0.05
+    for ax, widened in zip(fig.axes, (True, False)):  # a flat curve gets a span around it
+        assert ax.yaxis.get_major_formatter().get_offset() == ""
+        assert (ax.get_ylim()[1] - ax.get_ylim()[0] > 0.05) == widened
     fig = plot_accuracy(rows, "synthetic / fc", tmp_path / "acc.png")
     lo, hi = fig.axes[0].get_xlim()
     ticks = [t for t in fig.axes[0].get_xticks() if lo <= t <= hi]
