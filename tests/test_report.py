@@ -433,7 +433,7 @@ def test_accuracy_legend_never_eats_the_plot(runs, tmp_path):
 def test_single_experiment_plots_have_plain_ticks(runs, tmp_path):
     """BP's cosine is 1 to 1e-12: no offset label; one epoch: integer ticks only."""
     flat, close = load_run(runs / "single" / "bp-0"), load_run(runs / "single" / "bp-0")
-    for run, slope in ((flat, 1e-13), (close, 1e-5)):  # BP's 1 to 1e-12; near 1: an offset's case
+    for run, slope in ((flat, 1e-13), (close, 1e-6)):  # BP's 1 to 1e-12; near 1: an offset's case
         run.records = [r for r in run.records if r["epoch"] == 1]
         run.records += [{"step": s, "align/fc1/cos": 1 - slope * s} for s in (10, 20, 30)]
     rows = [Row("synthetic", "fc", name, "", [run]) for name, run in (("bp", flat), ("x", close))]
