@@ -5,12 +5,17 @@
 
 Every folder under the given dirs that holds summary.json, metrics.jsonl or .hydra/ is a run. A
 run is used if its summary.json says status "completed" and its metrics.jsonl has at least one
-evaluation record (one with epoch and test/acc); every other one is listed as skipped, with why.
+evaluation record (one with epoch and test/acc); every other one is listed as skipped, with why:
+a run killed or still running says how many epochs its records and last.ckpt hold, a run dir with
+unreadable files says which, the benchmark's runs (``fdfa.bench``) are left out. Runs of the same
+config and seed (a rerun) count once: the one that finished last.
 
 Runs are grouped into rows by the (dataset, model, algorithm) names of their summary.json. When
-runs of a row differ in their config (.hydra/config.yaml) in anything but the seed and where they
-ran, they are split and the differing keys are added to the label: model.* keys to the model
-(``fc (n_layers=3)``), algorithm.* keys to the algorithm, any other key to the variant column.
+runs of a row differ in their config (.hydra/config.yaml) in anything that matters (not the seed,
+where they ran, the loggers, the side metrics: IGNORED_KEYS; nor a key the rule ignores in that
+config: MATTERS_ONLY_WHEN), they are split and the differing keys are added to the label: model.*
+keys to the model (``fc (n_layers=3)``), algorithm.* keys to the algorithm, any other key to the
+variant column.
 
 Each row gives, over its seeds, the test accuracy at each run's best-validation epoch (the
 protocol: chosen on validation data, test set read there) as mean ± 95 % Student-t interval, the
@@ -21,7 +26,8 @@ acc_*.png (test accuracy vs epoch), align_*.png (per-layer alignment cosine vs s
 feedback_*.png (feedback cosine vs step), grad_error_*.png (relative squared error of each rule's
 weight update against the true gradient vs step, every rule) and jacobian_error_*.png (FDFA's
 Jacobian estimate against the true Jacobian vs step), one PNG of each kind per (dataset, model)
-for which some run logged those metrics.
+for which some run logged those metrics. What was
+skipped is listed at the end of results.md; the command prints one line counting it.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ import math
 import re
 import statistics
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import yaml
@@ -57,11 +65,22 @@ IGNORED_KEYS = (
     "trainer.progress",
     "trainer.resume",
     "trainer.ckpt_every_n_steps",
+    "trainer.cuda_graph",  # the same numbers with CUDA graphs and without
     "logger",
     "metrics",
     "wandb",
     "hydra",
+    "optuna_trial",  # the sweeper's trial number: bookkeeping
 )
+
+# Keys that matter only when their config says so (the rule or the data ignores them otherwise):
+# where the condition is false the key is dropped, so it neither splits rows nor shows in labels.
+MATTERS_ONLY_WHEN = {
+    "algorithm.momentum": lambda c: c.get("algorithm.feedback_update") == "ema",
+    # DKP has no feedback_update: its Adam always uses feedback_lr
+    "algorithm.feedback_lr": lambda c: c.get("algorithm.feedback_update", "adam") == "adam",
+    "dataset.split_seed": lambda c: c.get("dataset.val_size") != 0,
+}
 
 # Per-layer metrics plotted against the step: file prefix, record key ({} is the layer name),
 # title, y label, log scale. The two errors measure different things and get their own figures.
@@ -109,6 +128,23 @@ class RunData:
     @property
     def seed(self):
         return self.summary.get("seed", (self.config or {}).get("seed"))
+
+    @property
+    def relevant(self) -> dict | None:
+        """The config keys that make it an experiment (see IGNORED_KEYS, MATTERS_ONLY_WHEN)."""
+        return None if self.config is None else relevant_config(self.config)
+
+    def identity(self) -> tuple:
+        """Runs with the same identity are reruns of one experiment (same config and seed)."""
+        config = None if self.config is None else sorted(map(repr, self.relevant.items()))
+        return self.names, self.seed, repr(config)
+
+    def finished_at(self) -> float:
+        return (self.path / "summary.json").stat().st_mtime
+
+    def epochs_done(self) -> int:
+        epochs = self.summary.get("epochs")
+        return epochs if _integer(epochs) and epochs > 0 else self.evaluations()[-1]["epoch"]
 
     def evaluations(self) -> list[dict]:
         return [
@@ -176,16 +212,37 @@ class Row:
         return f"{self.algorithm} [{self.variant}]" if self.variant else self.algorithm
 
 
+class Skip(NamedTuple):
+    """A run dir or plot left out of the report: what, why, and the kind of reason (counted in
+    the command's one-line summary)."""
+
+    what: str
+    why: str
+    kind: str
+
+
+class Unusable(FdfaError):
+    """A run dir that cannot be compared; ``kind`` is the reason's kind (see Skip)."""
+
+    def __init__(self, why: str, kind: str = "unreadable"):
+        super().__init__(why)
+        self.kind = kind
+
+
 @dataclass
 class Report:
     rows: list[Row]
     plots: list[Path]
-    skipped: list[tuple[str, str]]  # (what, why): runs and plots left out
+    skipped: list[Skip]  # runs and plots left out
     notes: list[str]
 
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _first_number(*values) -> float:
@@ -213,6 +270,24 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
+def _short_path(path) -> str:
+    """A path relative to the working directory when it lies under it (shorter lines)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def relevant_config(config: dict) -> dict:
+    """A flat config without IGNORED_KEYS and without the keys MATTERS_ONLY_WHEN drops."""
+    kept = {k: v for k, v in config.items() if not _ignored(k)}
+    return {k: v for k, v in kept.items() if MATTERS_ONLY_WHEN.get(k, lambda c: True)(config)}
+
+
+def _ignored(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in IGNORED_KEYS)
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding and reading runs
 
@@ -228,52 +303,150 @@ def find_run_dirs(dirs) -> list[Path]:
     return sorted(found)
 
 
-def load_run(path: Path) -> RunData:
-    """Read one run dir; raises FdfaError saying why when the run cannot be compared."""
-    summary_path, metrics_path = path / "summary.json", path / "metrics.jsonl"
-    if not summary_path.is_file():
-        raise FdfaError("no summary.json (the run failed before training, or is still running)")
+def _read_text(run_dir: Path, name: str) -> str:
+    """The text of the file ``name`` (e.g. "summary.json") of a run dir."""
     try:
-        summary = json.loads(summary_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FdfaError(f"summary.json is not valid JSON ({err})") from None
+        return (run_dir / name).read_text()
+    except UnicodeDecodeError as err:
+        raise Unusable(f"{name} is not text (a bad byte at offset {err.start})") from None
+    except OSError as err:
+        raise Unusable(f"{name} cannot be read ({err.strerror or err})") from None
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; Unusable names the first line that is not a JSON object, or an
+    evaluation record whose epoch or test/acc cannot be right."""
+    records = []
+    for i, line in enumerate(_read_text(path, "metrics.jsonl").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise Unusable(f"metrics.jsonl line {i} is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise Unusable(f"metrics.jsonl line {i} is not a JSON object")
+        epoch = record.get("epoch")
+        if "epoch" in record and not (_integer(epoch) and epoch >= 1):
+            raise Unusable(f"metrics.jsonl line {i}: epoch must be an integer >= 1, got {epoch!r}")
+        acc = record.get("test/acc")
+        if "test/acc" in record and not (_number(acc) and 0 <= acc <= 1 and "epoch" in record):
+            raise Unusable(
+                f"metrics.jsonl line {i}: test/acc must be a fraction in [0, 1] with an epoch, "
+                f"got {acc!r}"
+            )
+        records.append(record)
+    return records
+
+
+def read_config(path: Path) -> dict | None:
+    """The flat .hydra/config.yaml of a run dir (None without one)."""
+    config_path = path / ".hydra" / "config.yaml"
+    if not config_path.is_file():
+        return None
+    _read_text(path, ".hydra/config.yaml")  # bad bytes: one clear reason
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
+    except (yaml.YAMLError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:120]
+        raise Unusable(f".hydra/config.yaml is not a valid config ({first})") from None
+    if not isinstance(config, dict):
+        raise Unusable(".hydra/config.yaml is not a mapping")
+    return _flatten(config)
+
+
+def unfinished_reason(path: Path, status: str | None, config: dict | None) -> Unusable:
+    """Why a run without a completed summary is left out: what its records and checkpoint say."""
+    records = read_records(path) if (path / "metrics.jsonl").is_file() else []
+    evaluations = [r for r in records if "test/acc" in r]
+    target = (config or {}).get("trainer.epochs")
+    done = evaluations[-1]["epoch"] if evaluations else 0
+    progress = f"{done}{f' of {target}' if _integer(target) else ''} epochs done"
+    if records:
+        last = ", ".join(f"{k} {records[-1][k]}" for k in ("epoch", "step") if k in records[-1])
+        progress += f" (last record: {last})"
+    has_ckpt = (path / "last.ckpt").is_file()
+    progress += "; last.ckpt " + ("present" if has_ckpt else "absent")
+    if status is None and not records and not has_ckpt:
+        return Unusable(
+            "no summary.json, no records: stopped or failed before its first epoch ended, "
+            "or still in it",
+            "no records",
+        )
+    if status is None or status == "interrupted":
+        what = "interrupted" if status else "no summary.json: interrupted or still running"
+        resume = "; rerun with hydra.run.dir=<this dir> to resume" if has_ckpt else ""
+        return Unusable(f"{what}, {progress}{resume}", "interrupted or running")
+    return Unusable(
+        f"status {status!r}, not 'completed' (only finished runs are compared): {progress}",
+        "not completed",
+    )
+
+
+def load_run(path: Path) -> RunData:
+    """Read one run dir; raises Unusable saying why when the run cannot be compared."""
+    summary_path, metrics_path = path / "summary.json", path / "metrics.jsonl"
+    config = read_config(path)
+    if config is None and path.parent.name == "bench":
+        raise Unusable("a benchmark run (python -m fdfa.bench), not an experiment", "benchmark run")
+    if not summary_path.is_file():
+        raise unfinished_reason(path, None, config)
+    try:
+        summary = json.loads(_read_text(path, "summary.json"))
+    except json.JSONDecodeError as err:
+        raise Unusable(f"summary.json is not valid JSON ({err})") from None
+    if not isinstance(summary, dict):
+        raise Unusable(f"summary.json is not a JSON object (it is {type(summary).__name__})")
     status = summary.get("status")
     if status != "completed":
-        raise FdfaError(f"status is {status!r}, not 'completed' (only finished runs are compared)")
+        raise unfinished_reason(path, status, config)
     missing = [k for k in ("dataset", "model", "algorithm") if not summary.get(k)]
     if missing:
-        raise FdfaError(f"summary.json lacks {', '.join(missing)}")
+        raise Unusable(f"summary.json lacks {', '.join(missing)}")
+    bad = [k for k in ("dataset", "model", "algorithm") if not isinstance(summary[k], str)]
+    if bad:
+        raise Unusable(f"summary.json's {', '.join(bad)} must be text")
     if not metrics_path.is_file():
-        raise FdfaError("no metrics.jsonl")
-    records = []
-    for i, line in enumerate(metrics_path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise FdfaError(f"metrics.jsonl line {i} is not valid JSON") from None
-    config = None
-    config_path = path / ".hydra" / "config.yaml"
-    if config_path.is_file():
-        try:
-            config = _flatten(OmegaConf.to_container(OmegaConf.load(config_path), resolve=False))
-        except (yaml.YAMLError, ValueError) as err:
-            raise FdfaError(f".hydra/config.yaml is not a valid config ({err})") from None
-    run = RunData(path, summary, records, config)
+        raise Unusable("no metrics.jsonl", "no records")
+    run = RunData(path, summary, read_records(path), config)
+    if run.seed is not None and not _integer(run.seed):
+        raise Unusable(f"seed must be an integer, got {run.seed!r}")
     if not run.evaluations():
-        raise FdfaError("metrics.jsonl has no evaluation record (one with epoch and test/acc)")
+        raise Unusable("metrics.jsonl has no evaluation record (one with epoch and test/acc)",
+                       "no records")  # fmt: skip
+    try:  # every number the table reads: a run that breaks one is skipped, not the report
+        run.selection(), run.final_acc(), run.epoch_seconds(), run.final_alignment()
+    except (TypeError, ValueError, KeyError, StopIteration) as err:
+        raise Unusable(f"its records cannot be compared ({type(err).__name__}: {err})") from None
     return run
 
 
-def collect_runs(dirs) -> tuple[list[RunData], list[tuple[str, str]]]:
-    """Usable runs under dirs, and (run dir, reason) for every run dir left out."""
+def collect_runs(dirs) -> tuple[list[RunData], list[Skip]]:
+    """Usable runs under dirs (reruns counted once), and a Skip for every run dir left out."""
     runs, skipped = [], []
     for path in find_run_dirs(dirs):
         try:
             runs.append(load_run(path))
-        except FdfaError as err:
-            skipped.append((str(path), str(err)))
-    return runs, skipped
+        except Unusable as err:
+            skipped.append(Skip(_short_path(path), str(err), err.kind))
+    kept, duplicates = drop_reruns(runs)
+    return kept, skipped + duplicates
+
+
+def drop_reruns(runs: list[RunData]) -> tuple[list[RunData], list[Skip]]:
+    """One run per (config, seed): the one that finished last; a Skip for each of the others.
+    Runs without a seed are all kept (nothing says they repeat each other)."""
+    latest, skipped = {}, []
+    for run in sorted(runs, key=RunData.finished_at, reverse=True):
+        key = run.identity() if run.seed is not None else id(run)
+        if key not in latest:
+            latest[key] = run
+            continue
+        kept = _short_path(latest[key].path)
+        why = f"same config and seed {run.seed} as {kept}, which finished later: counted once"
+        skipped.append(Skip(_short_path(run.path), why, "rerun of the same seed"))
+    kept_runs = set(map(id, latest.values()))
+    return [r for r in runs if id(r) in kept_runs], skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,28 +454,32 @@ def collect_runs(dirs) -> tuple[list[RunData], list[tuple[str, str]]]:
 
 
 def _differing_keys(configs: list[dict]) -> set[str]:
+    """Keys whose value (or presence) is not the same in all of ``configs`` (relevant ones)."""
     keys = set().union(*configs) if configs else set()
-    keys = {k for k in keys if not any(k == p or k.startswith(p + ".") for p in IGNORED_KEYS)}
     return {k for k in keys if len({repr(c.get(k, "<unset>")) for c in configs}) > 1}
 
 
 def _describe(config: dict, keys, strip: str = "") -> str:
-    return ", ".join(f"{k.removeprefix(strip)}={_fmt_value(config.get(k))}" for k in sorted(keys))
+    """``k=v, ...`` for the keys this config has (a key its rule ignores is not in it)."""
+    shown = sorted(k for k in keys if k in config)
+    return ", ".join(f"{k.removeprefix(strip)}={_fmt_value(config[k])}" for k in shown)
 
 
 def group_rows(runs: list[RunData]) -> list[Row]:
-    """One Row per (dataset, model, algorithm) and config variant, in table order."""
+    """One Row per (dataset, model, algorithm) and config variant, in table order: the labels
+    show the relevant keys whose values differ between runs of the same dataset and model."""
     by_model, by_algorithm = {}, {}
     for run in runs:
         if run.config is not None:
             dataset, model, algorithm = run.names
-            by_model.setdefault((dataset, model), []).append(run.config)
-            by_algorithm.setdefault(run.names, []).append(run.config)
+            by_model.setdefault((dataset, model), []).append(run.relevant)
+            by_algorithm.setdefault(run.names, []).append(run.relevant)
     rows = {}
     for run in runs:
         dataset, model, algorithm = run.names
         variant = ""
         if run.config is not None:
+            config = run.relevant
             model_wide = _differing_keys(by_model[dataset, model])
             model_keys = {k for k in model_wide if k.startswith("model.")}
             other_keys = {k for k in model_wide if not k.startswith(("model.", "algorithm."))}
@@ -310,10 +487,10 @@ def group_rows(runs: list[RunData]) -> list[Row]:
                 k for k in _differing_keys(by_algorithm[run.names]) if k.startswith("algorithm.")
             }
             if model_keys:
-                model += f" ({_describe(run.config, model_keys, 'model.')})"
+                model += f" ({_describe(config, model_keys, 'model.')})"
             if algo_keys:
-                algorithm += f" ({_describe(run.config, algo_keys, 'algorithm.')})"
-            variant = _describe(run.config, other_keys)
+                algorithm += f" ({_describe(config, algo_keys, 'algorithm.')})"
+            variant = _describe(config, other_keys)
         key = (dataset, model, algorithm, variant)
         rows.setdefault(key, Row(*key)).runs.append(run)
 
@@ -357,7 +534,7 @@ def row_stats(row: Row, rows: list[Row] = ()) -> dict:
         pairs = len(diffs)
         if diffs:
             diff_mean, diff_ci = mean_ci(diffs)
-    epochs = sorted({r.summary.get("epochs") or r.evaluations()[-1]["epoch"] for r in row.runs})
+    epochs = sorted({r.epochs_done() for r in row.runs})
     times = [t for t, _ in map(RunData.epoch_seconds, row.runs) if t is not None]
     aligns = [a for a in map(RunData.final_alignment, row.runs) if a is not None]
     seeds = sorted((r.seed for r in row.runs), key=lambda s: (s is None, s or 0))  # int or None
@@ -456,19 +633,41 @@ def _plot_band(ax, curves, label, scale: float = 1.0) -> None:
                         color=line.get_color())  # fmt: skip
 
 
-def plot_accuracy(rows: list[Row], title: str, path: Path) -> None:
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+LEGEND_WRAP = 70  # characters per legend line; longer labels wrap
+
+
+def _plain_y(ax) -> None:
+    """y tick labels without an offset ("1e-12+1"): a flat curve gets a small span around it."""
+    if ax.get_yscale() != "linear":
+        return
+    lo, hi = ax.get_ylim()
+    if hi - lo < 1e-6 * max(1.0, abs(hi)):
+        pad = 0.05 * max(1.0, abs(hi))
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.ticklabel_format(axis="y", useOffset=False)
+
+
+def plot_accuracy(rows: list[Row], title: str, path: Path) -> Figure:
+    """Test accuracy against epoch, one curve per row; the legend goes below the axes and the
+    figure grows with it, so no number of rows or length of label squeezes the plot."""
+    labels = [textwrap.fill(row.label, LEGEND_WRAP, subsequent_indent="  ") for row in rows]
+    legend_lines = sum(label.count("\n") + 1 for label in labels)
+    fig = Figure(figsize=(6.4, 4.2 + 0.19 * legend_lines + 0.2), layout="constrained")
     ax = fig.add_subplot()
-    for row in rows:
-        _plot_band(ax, [r.curve("test/acc", "epoch") for r in row.runs], row.label, scale=100)
+    for row, label in zip(rows, labels):
+        _plot_band(ax, [r.curve("test/acc", "epoch") for r in row.runs], label, scale=100)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title}: mean ± std over seeds")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # no epoch 1.5
+    _plain_y(ax)
     ax.grid(alpha=0.3)
-    ax.legend()
+    fig.legend(loc="outside lower center", fontsize="small", frameon=False)
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_layers(rows: list[Row], key_fmt: str, title: str, ylabel: str, path: Path, log=False):
+def plot_layers(
+    rows: list[Row], key_fmt: str, title: str, ylabel: str, path: Path, log=False
+) -> Figure:
     """One panel per row, one line (mean over seeds, band ± std) per layer, against the step."""
     ncols = min(3, len(rows))
     nrows = math.ceil(len(rows) / ncols)
@@ -482,17 +681,19 @@ def plot_layers(rows: list[Row], key_fmt: str, title: str, ylabel: str, path: Pa
                 _plot_band(ax, curves, layer)
         if log and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
             ax.set_yscale("log")
-        ax.set(xlabel="step", ylabel=ylabel, title=row.label)
+        _plain_y(ax)
+        ax.set(xlabel="step", ylabel=ylabel, title=textwrap.fill(row.label, 45))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     for ax in axes[len(rows) :]:
         ax.set_visible(False)
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def make_plots(rows: list[Row], out: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """All plots of every (dataset, model); returns the PNGs and (plot, why) for those left out."""
+def make_plots(rows: list[Row], out: Path) -> tuple[list[Path], list[Skip]]:
+    """All plots of every (dataset, model); returns the PNGs and a Skip for each left out."""
     plots, skipped = [], []
     panels = {}
     for row in rows:
@@ -507,11 +708,13 @@ def make_plots(rows: list[Row], out: Path) -> tuple[list[Path], list[tuple[str, 
             with_data = [row for row in group if any(r.layers(key_fmt) for r in row.runs)]
             name = f"{prefix}_{_slug(dataset)}_{_slug(model)}.png"
             if not with_data:
-                skipped.append((name, f"no run of {title} logged {key}"))
+                skipped.append(Skip(name, f"no run of {title} logged {key}", "plot not drawn"))
                 continue
-            without = [row.label for row in group if row not in with_data]
+            without = [row for row in group if row not in with_data]
             if without:
-                skipped.append((f"{name}, {', '.join(without)}", f"those runs logged no {key}"))
+                rules = ", ".join(dict.fromkeys(row.runs[0].names[2] for row in without))
+                why = f"{len(without)} of {len(group)} rows logged no {key} ({rules})"
+                skipped.append(Skip(name, why, "plot missing some rows"))
             path = out / name
             plot_layers(with_data, key_fmt, f"{title}: {what}", ylabel, path, log)
             plots.append(path)
@@ -549,12 +752,21 @@ def make_report(dirs, out: str | Path) -> Report:
         raise FdfaError(f"--out {out} is a file; give a directory (it is created if missing)")
     runs, skipped = collect_runs(dirs)
     if not runs:
-        reasons = "; ".join(f"{p}: {why}" for p, why in skipped[:5]) or "no run dirs found"
+        found = "no run dirs found"
+        if skipped:
+            first = skipped[0].why if len(skipped[0].why) <= 120 else skipped[0].why[:117] + "..."
+            found = f"skipped {skip_summary(skipped)}; first: {skipped[0].what}: {first}"
         raise FdfaError(
-            f"no completed run under {', '.join(map(str, dirs))} ({reasons}); "
+            f"no completed run under {', '.join(map(str, dirs))} ({found}); "
             "pass the sweep or run dirs that hold summary.json and metrics.jsonl"
         )
     notes = list(NOTES)
+    reruns = sum(s.kind == "rerun of the same seed" for s in skipped)
+    if reruns:
+        notes.append(
+            f"{reruns} run(s) repeat the config and seed of another run: each (config, seed) is "
+            "counted once, the run that finished last (the others are listed under Skipped)."
+        )
     no_config = [str(r.path) for r in runs if r.config is None]
     if no_config:
         notes.append(
@@ -585,9 +797,25 @@ def make_report(dirs, out: str | Path) -> Report:
         *[f"![{p.stem}]({p.name})" for p in plots],
     ]
     if skipped:
-        lines += ["", "## Skipped", "", *[f"- {what}: {why}" for what, why in skipped]]
+        lines += ["", "## Skipped"]
+        for kind, items in _by_kind(skipped).items():
+            lines += ["", f"### {kind} ({len(items)})", ""]
+            lines += [f"- {item.what}: {item.why}" for item in items]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return Report(rows, plots, skipped, notes)
+
+
+def _by_kind(skipped: list[Skip]) -> dict[str, list[Skip]]:
+    kinds = {}
+    for item in skipped:
+        kinds.setdefault(item.kind, []).append(item)
+    return kinds
+
+
+def skip_summary(skipped: list[Skip]) -> str:
+    """'5 items: 2 interrupted or running, 3 plot' (how many of each kind of reason)."""
+    counts = ", ".join(f"{len(items)} {kind}" for kind, items in _by_kind(skipped).items())
+    return f"{len(skipped)} item{'s' if len(skipped) > 1 else ''}: {counts}"
 
 
 def main(argv=None) -> int:
@@ -606,8 +834,8 @@ def main(argv=None) -> int:
     n_runs = sum(len(row.runs) for row in report.rows)
     print(f"{n_runs} runs in {len(report.rows)} rows -> {Path(args.out) / 'results.md'}, "
           f"results.csv and {len(report.plots)} PNG plots")  # fmt: skip
-    for what, why in report.skipped:
-        print(f"skipped {what}: {why}")
+    if report.skipped:
+        print(f"skipped {skip_summary(report.skipped)} (each with why: end of results.md)")
     return 0
 
 

@@ -175,10 +175,34 @@ class Run:
             return None
         if choice == "auto":
             return self.ckpt_path if self.ckpt_path.exists() else None
+        if choice == "latest":
+            return self.ckpt_path if self.ckpt_path.exists() else self._latest_unfinished()
         path = Path(choice)
         if not path.is_file():
             raise FdfaError(f"trainer.resume={choice}: no such checkpoint file")
         return path
+
+    def _latest_unfinished(self) -> Path | None:
+        """trainer.resume=latest: the last.ckpt of the newest unfinished run of this config (all
+        but trainer, logger, metrics) beside this run dir: outputs/<name>/*/ for single runs,
+        multirun/*/<same job dir>/ for sweeps; None (a fresh start) if there is none."""
+        here = self.out_dir.resolve()
+        found = []
+        for d in {*here.parent.glob("*/"), *here.parent.parent.glob(f"*/{here.name}/")}:
+            summary, config = d / "summary.json", d / ".hydra" / "config.yaml"
+            if d == here or not ((d / "last.ckpt").is_file() and config.is_file()):
+                continue
+            try:
+                saved = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+                status = json.loads(summary.read_text())["status"] if summary.is_file() else None
+            except Exception:  # an unreadable or foreign run dir is not one of this config's
+                continue
+            if status != "completed" and not checkpoint.config_differences(saved, self.resolved):
+                found.append(d / "last.ckpt")
+        if not found:
+            log.info("trainer.resume=latest: no unfinished run of this config; starting fresh")
+            return None
+        return max(found, key=lambda path: path.stat().st_mtime)
 
     def _check_compatible(self, ckpt: dict, path: Path) -> None:
         diffs = checkpoint.config_differences(ckpt["config"], self.resolved)
@@ -351,7 +375,7 @@ class Run:
         self.model.train()
         t0 = time.perf_counter()
         batches = tqdm(
-            self.data.train_batches(p.perm, start=p.batch), desc=f"epoch {p.epoch}",
+            self.data.train_batches(p.perm, start=p.batch), desc=f"epoch {p.epoch}/{cfg.epochs}",
             total=self.data.steps_per_epoch, initial=p.batch, leave=False,
             disable=None if cfg.progress else True,
         )  # fmt: skip
@@ -427,11 +451,28 @@ class Run:
         self.save_checkpoint()
         val = f" | val/acc {record['val/acc']:.4f}" if "val/acc" in record else ""
         log.info(
-            "epoch %d step %d | train/loss %.4f%s | test/acc %.4f | %.1f s since start",
-            p.epoch, p.step, record["train/loss"], val, record["test/acc"], record["time_s"],
+            "epoch %d step %d | train/loss %.4f%s | test/acc %.4f | %s",
+            p.epoch, p.step, record["train/loss"], val, record["test/acc"], self._timing(),
         )  # fmt: skip
         for callback in self.callbacks:
             callback.on_evaluation(self, record)
+
+    def _timing(self) -> str:
+        """'epoch 9.8 s, 29.5 s since start, ETA 16m 05s for 97 more epochs': the ETA is the mean
+        epoch time so far (evaluation included) times the epochs left (max_steps counted)."""
+        p, cfg = self.progress, self.cfg.trainer
+        times = [r["time_s"] for r in evaluation_records(self.records)]
+        since_start, epoch_s = times[-1], times[-1] - (times[-2] if len(times) > 1 else 0.0)
+        left = cfg.epochs - p.epoch
+        if cfg.max_steps:
+            left = min(left, -(-(cfg.max_steps - p.step) // self.data.steps_per_epoch))
+        text = f"epoch {epoch_s:.1f} s, {since_start:.1f} s since start"
+        if left > 0:
+            eta = round(since_start / p.epoch * left)
+            h, m, sec = eta // 3600, eta // 60 % 60, eta % 60
+            clock = f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s" if m else f"{sec} s"
+            text += f", ETA {clock} for {left} more epoch{'s' if left > 1 else ''}"
+        return text
 
     def save_best(self, record: dict) -> None:
         """best.ckpt: the model and rule state of the selected epoch (the best val/acc so far;

@@ -1,18 +1,24 @@
 """Every check of user input that can run before any work, in one place.
 
-- ``preflight(argv)``: before Hydra composes the config (unknown group options, an unwritable
-  run dir): Hydra's own messages for these are long or come with a traceback.
+- ``preflight(argv)``: before Hydra composes the config (unknown group options, unknown keys with
+  the closest valid one, an unwritable run dir): Hydra's own messages for these are long, come
+  with a traceback, or (``+trainer.epoch=1``) do not come at all.
 - ``validate_config(cfg)``: types and ranges of the composed config's values.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 import tempfile
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from fdfa.errors import FdfaError
@@ -105,10 +111,112 @@ def preflight(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         for option in _sweep_values(value):
             if option not in options and option != "null":
                 raise FdfaError(f"unknown {group} {option!r}: choose one of {', '.join(options)}")
+    if not any(a.startswith(("--config-name", "-cn", "--config-path", "-cp")) for a in argv):
+        check_keys(argv, conf_dir)
     for arg in argv:
         for key in ("hydra.run.dir=", "hydra.sweep.dir="):
             if arg.startswith(key):
                 _check_writable(Path(arg[len(key) :].strip("'\"")), key[:-1])
+
+
+# Classes of these packages are fdfa's own configs (conf/); a node with any other _target_ is the
+# user's and takes any key.
+OWN_PACKAGES = ("fdfa", "torch")
+
+
+def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Refuse a key the composed config does not have, with or without ``+``/``++``, naming the
+    closest valid key: Hydra refuses ``trainer.epoch=1`` with a hint to add ``+``, and then
+    accepts it and trains the default epochs. A config node whose class is the user's (its
+    ``_target_`` set on the command line, or one not in conf/) takes any key."""
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]
+        )
+    except HydraException:
+        return  # Hydra's own grammar error comes later, with its message
+    groups = [o for o in overrides if _is_group(o, conf_dir)]
+    keys = [
+        o.key_or_group
+        for o in overrides
+        if not _is_group(o, conf_dir)
+        and o.type in (OverrideType.CHANGE, OverrideType.ADD, OverrideType.FORCE_ADD)
+        and o.key_or_group.split("/")[0].split(".")[0] != "hydra"  # Hydra's own
+    ]
+    if not keys:
+        return
+    try:
+        configs = [_flat_keys(cfg) for cfg in _compositions(groups, conf_dir)]
+    except HydraException:
+        return  # a bad combination of options: Hydra says which when it composes
+    known = set().union(*(c for c, _ in configs))
+    free = {k.removesuffix("._target_") for k in keys if k.endswith("._target_")}
+    free |= {
+        node
+        for _, targets in configs
+        for node, target in targets.items()
+        if target.split(".")[0] not in OWN_PACKAGES
+    }
+    for key in keys:
+        parts = key.split(".")
+        if key in known or any(".".join(parts[:i]) in free for i in range(1, len(parts))):
+            continue
+        raise FdfaError(_unknown_key_message(key, known))
+
+
+def _is_group(override: Override, conf_dir: Path) -> bool:
+    """A choice of fdfa's groups (algorithm=bp, ~model, experiment=...), not a key."""
+    return (conf_dir / override.key_or_group).is_dir()
+
+
+def _compositions(groups: list[Override], conf_dir: Path):
+    """The configs of the chosen group options: the first value of each swept group, then each
+    other value of a swept group with the others at their first (not the whole product)."""
+    fixed = [o.input_line for o in groups if not o.is_sweep_override()]
+    swept = {
+        o.input_line.split("=", 1)[0]: list(o.sweep_string_iterator())
+        for o in groups
+        if o.is_sweep_override()
+    }
+    first = {g: values[0] for g, values in swept.items()}
+    variants = [first] + [{**first, g: v} for g, values in swept.items() for v in values[1:]]
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        for chosen in variants:
+            yield compose("config", fixed + [f"{g}={v}" for g, v in chosen.items()])
+
+
+def _flat_keys(cfg: DictConfig) -> tuple[set[str], dict[str, str]]:
+    """Every dotted key of a config (inner nodes too, hydra's left out), and each node's
+    ``_target_`` by the node's key."""
+    keys, targets = set(), {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            keys.add(key)
+            if isinstance(v, dict):
+                walk(v, key + ".")
+                if isinstance(v.get("_target_"), str):
+                    targets[key] = v["_target_"]
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    walk(container, "")
+    return keys, targets
+
+
+def _unknown_key_message(key: str, known: set[str]) -> str:
+    public = sorted(k for k in known if not k.rpartition(".")[2].startswith("_"))  # no _target_
+    candidates = [k for k in public if not key.startswith(k + ".")]  # not its own parents
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {key}: did you mean {close[0]}? (python run.py --cfg job lists all)"
+    section, _, _ = key.rpartition(".")
+    siblings = [k.removeprefix(section + ".") for k in public if k.rpartition(".")[0] == section]
+    if not siblings:
+        return f"unknown key {key}: {section or 'the config'} has no keys to set"
+    where = f"the keys of {section} are" if section else "the top-level keys are"
+    return f"unknown key {key}: {where} {', '.join(siblings)}"
 
 
 def _sweep_values(value: str) -> list[str]:

@@ -26,15 +26,16 @@ def test_bench_reports_step_times_ratios_memory_and_metrics_overhead(tmp_path, c
     assert "## fc (cpu)" in printed and "ratio_to_bp" in printed and "overhead_ratio" in printed
 
 
+@pytest.mark.slow
 def test_bench_epoch_runs_take_config_overrides(tmp_path, monkeypatch, mnist_root):
-    monkeypatch.chdir(tmp_path)  # the epoch runs write outputs/bench/<rule>/
+    monkeypatch.chdir(tmp_path)  # the epoch runs write bench/<rule>/
     args = ["--models", "fc", "--rules", "bp", "--steps", "1", "--warmup", "1", "--device", "cpu"]
     args += ["--epoch-rules", "fdfa", "--data-root", str(mnist_root)]
     results = main([*args, "--epoch-overrides", "trainer.max_steps=5"])
     assert results["steps"][0]["cuda_graph"] is False  # graphs are for CUDA steps only
     (row,) = results["epochs"]
     assert row["algorithm"] == "fdfa" and len(row["test_acc"]) == 1
-    summary = json.loads((tmp_path / "outputs/bench/fdfa/summary.json").read_text())
+    summary = json.loads((tmp_path / "bench/fdfa/summary.json").read_text())
     assert summary["steps"] == 5 and summary["device"] == "cpu"
 
 
@@ -45,6 +46,7 @@ def test_ratios_are_always_to_bp(capsys):
     assert results["steps"][0]["ratio_to_bp"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [

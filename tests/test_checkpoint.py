@@ -58,6 +58,7 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch, perturbation):
     assert all(torch.equal(a[k], b[k]) for k in a)  # weights and feedback, bit for bit
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_finishes_like_an_uninterrupted_run(tmp_path):
     args = synthetic_overrides(
         "algorithm=fdfa",
@@ -106,6 +107,7 @@ def test_sigkill_mid_epoch_then_rerun_finishes_like_an_uninterrupted_run(tmp_pat
     assert all(torch.equal(a["rule"][k], b["rule"][k]) for k in a["rule"])
 
 
+@pytest.mark.slow
 def test_finished_run_rerun_does_nothing_and_says_so(tmp_path):
     args = [*synthetic_overrides("trainer.epochs=1"), f"hydra.run.dir={tmp_path}"]
     assert run_cli(args).returncode == 0
@@ -171,6 +173,7 @@ def test_checkpoint_holds_every_piece_of_state(tmp_path):
     assert len(ckpt["records"]) == 1 and ckpt["progress"]["step"] == 8
 
 
+@pytest.mark.slow
 def test_divergence_stops_at_once_with_a_clear_line(tmp_path):
     res = run_cli(
         [*synthetic_overrides("optimizer=sgd", "optimizer.lr=1e12", "algorithm=bp"),

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.helpers import run_cli
 
 FAKE = [
@@ -26,6 +28,7 @@ def test_single_run_writes_its_record(tmp_path):
     assert "epoch 1 step 2" in res.stdout + res.stderr  # the per-epoch summary line
 
 
+@pytest.mark.slow
 def test_multirun_over_every_rule(tmp_path):
     res = run_cli(["-m", *FAKE, "algorithm=bp,dfa,dkp,fdfa", f"hydra.sweep.dir={tmp_path}"])
     assert res.returncode == 0, res.stderr
@@ -33,6 +36,7 @@ def test_multirun_over_every_rule(tmp_path):
     assert algos == ["bp", "dfa", "dkp", "fdfa"]
 
 
+@pytest.mark.slow
 def test_missing_data_offline_is_one_clear_line(tmp_path):
     empty = tmp_path / "nothing here"
     res = run_cli(

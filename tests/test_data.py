@@ -83,6 +83,7 @@ def test_cifar10_keeps_native_shape(monkeypatch, tmp_path):
     assert data.image_shape == (3, 32, 32) and data.num_classes == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "algorithm, reference",
     # the reference code (the paper's main.py), MNIST FC-2x800, 1 epoch, seed 0, measured here

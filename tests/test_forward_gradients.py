@@ -304,6 +304,7 @@ def test_smoke_fg_w_trains_and_more_directions_train_better(tmp_path):
     assert acc[1] > 0.5 and acc[8] > 0.9, acc
 
 
+@pytest.mark.slow
 def test_cli_runs_n_directions_and_rejects_a_bad_value(tmp_path):
     args = synthetic_overrides("trainer.max_steps=2", "trainer.device=cpu")
     ok = run_cli(

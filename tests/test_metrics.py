@@ -255,6 +255,7 @@ def test_fdfa_grad_rel_mse_is_of_the_update_from_b_not_of_its_jacobian_estimate(
     assert m["estimator/fc1/grad_rel_mse"] == pytest.approx(1, abs=1e-6)  # B_1 = 0: no update
 
 
+@pytest.mark.slow
 def test_fdfa_feedback_aligns_with_the_true_jacobian_during_a_short_mnist_run(mnist_root):
     """Both blocks, under the default feedback update (adam). fc2's target J_2 is W_out; fc1's is
     the Jacobian through fc2, BN and ReLU, which also moves as the weights train: B_1 must follow

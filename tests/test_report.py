@@ -3,14 +3,25 @@
 import csv
 import functools
 import json
+import os
 import shutil
 import statistics
+import warnings
 
 import matplotlib.image
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fdfa.report import _mean_band, main, make_report
+from fdfa.report import (
+    Row,
+    _mean_band,
+    load_run,
+    main,
+    make_report,
+    plot_accuracy,
+    plot_layers,
+)
 from fdfa.train import train
 from tests.helpers import CONF, compose_config, run_cli, synthetic_overrides
 
@@ -62,6 +73,15 @@ def test_preset_composes_with_the_reference_hyperparameters(preset):
     # the command line still wins over the preset
     cfg = compose_config([f"experiment={preset}", "dataset=fake", "trainer.epochs=2"])
     assert cfg.dataset._target_ == "fdfa.data.FakeImageData" and cfg.trainer.epochs == 2
+
+
+@pytest.mark.slow
+def test_compare_sweep_runs_every_rule_with_three_seeds():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["sweep=compare"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params.algorithm.split(",") == ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a"]
+    assert sorted(params.algorithm.split(",")) == ALGORITHMS and params.seed == "0,1,2"
 
 
 def test_experiment_multirun_lands_under_one_sweep_dir(tmp_path):
@@ -231,21 +251,27 @@ def test_mean_band_over_seeds_with_missing_points():
 
 def test_skipped_runs_and_plots_are_reported_with_reasons(runs, report):
     result, out = report
-    reasons = {path.rsplit("/", 1)[-1]: why for path, why in result.skipped}
+    reasons = {s.what.rsplit("/", 1)[-1]: s.why for s in result.skipped}
     assert "diverged" in reasons["fdfa-diverged"] and "completed" in reasons["fdfa-diverged"]
-    assert "no summary.json" in reasons["crashed"]
+    assert "3 of 3 epochs done" in reasons["fdfa-diverged"]  # what its records say
+    assert reasons["crashed"].startswith("no summary.json, no records: stopped or failed before")
     assert "no metrics.jsonl" in reasons["no-metrics"]
-    assert any(what.startswith("align_synthetic_fc.png, bp") for what, _ in result.skipped)
+    assert reasons["align_synthetic_fc.png"] == "1 of 2 rows logged no align/<layer>/cos (bp)"
     md = (out / "results.md").read_text()
     assert "## Skipped" in md and "fdfa-diverged" in md and "no summary.json" in md
+    assert "### not completed (1)" in md and "### plot missing some rows (3)" in md
 
 
-def test_cli_prints_what_it_skipped(runs, tmp_path, capsys):
+def test_cli_prints_what_it_skipped_in_one_line(runs, tmp_path, capsys):
     assert main([str(runs / "single"), "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert printed.startswith("2 runs in 1 rows")
-    assert "skipped" in printed and "no-metrics" in printed and "no metrics.jsonl" in printed
-    assert "align_synthetic_fc.png: no run of synthetic / fc logged align/<layer>/cos" in printed
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("2 runs in 1 rows")
+    assert printed[1:] == [
+        "skipped 4 items: 1 no records, 3 plot not drawn (each with why: end of results.md)"
+    ]
+    md = (tmp_path / "results.md").read_text()
+    assert "no-metrics: no metrics.jsonl" in md
+    assert "align_synthetic_fc.png: no run of synthetic / fc logged align/<layer>/cos" in md
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["acc_synthetic_fc.png"]
 
 
@@ -279,3 +305,223 @@ def test_out_must_be_a_directory(runs, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main([str(runs / "single"), "--out", str(tmp_path / "file")]) == 2
     assert "is a file; give a directory" in capsys.readouterr().err
+
+
+# ---- a real folder: a grid, a sweep, a rerun of the same seed, a killed run, a bench run ------
+
+
+def copy_run(src, dst, config_changes=None, finished_at=None):
+    """A copy of a run dir, its .hydra/config.yaml changed as a sweep or rerun would have it."""
+    shutil.copytree(src, dst)
+    if config_changes:
+        cfg = OmegaConf.load(dst / ".hydra" / "config.yaml")
+        for key, value in config_changes.items():
+            OmegaConf.update(cfg, key, value, force_add=True)
+        OmegaConf.save(cfg, dst / ".hydra" / "config.yaml")
+    if finished_at is not None:
+        os.utime(dst / "summary.json", (finished_at, finished_at))
+    return dst
+
+
+def set_accuracies(run_dir, acc):
+    """Every evaluation's test/acc set to acc (to tell which of two runs the report used)."""
+    lines = [{**r, "test/acc": acc} if "test/acc" in r else r for r in records(run_dir)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+@pytest.fixture(scope="module")
+def mixed(runs, tmp_path_factory):
+    """outputs/ and multirun/ as a user's folder has them after a few weeks."""
+    root = tmp_path_factory.mktemp("mixed")
+    t0 = 1.7e9
+    grid = root / "multirun" / "2026-12-01_10-00-00"
+    for seed in (0, 1):  # a grid: bp and fdfa x seeds 0, 1
+        copy_run(runs / "single" / f"bp-{seed}", grid / f"{seed}-bp-seed{seed}", None, t0)
+        copy_run(runs / "sweep" / f"fdfa-{seed}", grid / f"{2 + seed}-fdfa-seed{seed}", None, t0)
+    # the grid rerun later for bp seed 0: the same config and seed, another accuracy
+    rerun = root / "multirun" / "2026-12-02_09-00-00" / "0-bp-seed0"
+    copy_run(runs / "single" / "bp-0", rerun, {"hydra.job.num": 7}, t0 + 3600)
+    set_accuracies(rerun, 0.5)
+    # an Optuna sweep of fdfa: trial 0 ema (momentum matters), trial 1 adam (momentum ignored)
+    study = root / "multirun" / "fdfa-study"
+    trials = [
+        {"algorithm.feedback_update": "ema", "algorithm.momentum": 0.9},
+        {"algorithm.feedback_lr": 3e-4, "algorithm.momentum": 0.95},
+    ]
+    for n, params in enumerate(trials):
+        copy_run(runs / "sweep" / "fdfa-0", study / str(n), {"optuna_trial": n, **params}, t0)
+    # a killed run: 2 of its 3 epochs recorded, last.ckpt written, no summary.json
+    killed = copy_run(runs / "sweep" / "fdfa-1", root / "outputs" / "fdfa-fc-synthetic" / "k")
+    (killed / "summary.json").unlink()
+    kept = [r for r in records(killed) if r.get("epoch", 0) <= 2 and "align/mean_cos" not in r]
+    (killed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    # the benchmark's epoch run (fdfa.bench before it moved them): no .hydra, model "fcnet"
+    bench = copy_run(runs / "sweep" / "fdfa-0", root / "outputs" / "bench" / "fdfa")
+    shutil.rmtree(bench / ".hydra")
+    summary = json.loads((bench / "summary.json").read_text())
+    (bench / "summary.json").write_text(json.dumps({**summary, "model": "fcnet"}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def mixed_report(mixed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixed_report")
+    return make_report([mixed / "outputs", mixed / "multirun"], out), out
+
+
+def test_mixed_folder_rows_and_labels(runs, mixed, mixed_report):
+    result, out = mixed_report
+    table = [
+        (r["model"], r["algorithm"], r["variant"], r["seeds"])
+        for r in csv.DictReader((out / "results.csv").open())
+    ]
+    assert table == [  # labels: only keys that differ and matter for that rule; no bench row
+        ("fc", "bp", "", "0 1"),  # the rerun of seed 0 counted once
+        ("fc", "fdfa (feedback_lr=0.0001, feedback_update=adam)", "", "0 1"),
+        ("fc", "fdfa (feedback_lr=0.0003, feedback_update=adam)", "", "0"),
+        ("fc", "fdfa (feedback_update=ema, momentum=0.9)", "", "0"),
+    ]
+    md = (out / "results.md").read_text()
+    assert "optuna_trial" not in md and "fcnet" not in md
+    # the later run of bp seed 0 is the one counted (its accuracy is 0.5 at every epoch)
+    bp = next(r for r in csv.DictReader((out / "results.csv").open()) if r["algorithm"] == "bp")
+    bp1 = summaries([runs / "single" / "bp-1"])[0]["selected/test/acc"]
+    assert float(bp["selected_test_acc_mean"]) == pytest.approx((0.5 + bp1) / 2)
+    assert "2026-12-02_09-00-00/0-bp-seed0" in bp["run_dirs"]
+    assert any("repeat the config and seed" in n for n in result.notes)
+
+
+def test_mixed_folder_says_why_each_run_was_left_out(mixed, mixed_report):
+    result, out = mixed_report
+    skipped = {s.what.split(str(mixed) + "/")[-1]: s for s in result.skipped}
+    rerun = skipped["multirun/2026-12-01_10-00-00/0-bp-seed0"]
+    assert rerun.kind == "rerun of the same seed"
+    assert rerun.why.startswith("same config and seed 0 as ") and "2026-12-02_09-00-00" in rerun.why
+    killed = skipped["outputs/fdfa-fc-synthetic/k"]
+    assert killed.kind == "interrupted or running"
+    assert killed.why.startswith(
+        "no summary.json: interrupted or still running, 2 of 3 epochs done (last record: epoch 2,"
+    )
+    assert "last.ckpt present; rerun with hydra.run.dir=<this dir> to resume" in killed.why
+    assert skipped["outputs/bench/fdfa"].kind == "benchmark run"
+    kinds = ["rerun of the same seed", "interrupted or running", "benchmark run"]
+    assert {s.kind for s in result.skipped} == {*kinds, "plot missing some rows"}
+    assert all(len(s.why) < 200 for s in result.skipped)
+
+
+def test_mixed_folder_cli_output_is_short(mixed, tmp_path, capsys):
+    assert main([str(mixed / "outputs"), str(mixed / "multirun"), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and all(len(line) < 300 for line in printed)
+    assert printed[1].startswith("skipped 6 items: ")
+    assert "1 rerun of the same seed" in printed[1] and "1 benchmark run" in printed[1]
+
+
+def test_accuracy_legend_never_eats_the_plot(runs, tmp_path):
+    """Many rows with long labels: the legend goes below, the axes keep their size."""
+    run = load_run(runs / "single" / "bp-0")
+    long = ", ".join(f"dataset.some_long_key_{i}=value_{i}" for i in range(6))
+    rows = [Row("synthetic", "fc", f"rule{i}", long, [run]) for i in range(25)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "axes sizes collapsed to zero" is a UserWarning
+        fig = plot_accuracy(rows, "synthetic / fc", tmp_path / "acc.png")
+    (ax,) = fig.axes
+    box, legend = ax.get_window_extent(), fig.legends[0].get_window_extent()
+    assert box.height / fig.dpi >= 2.5 and box.width / fig.dpi >= 4.5  # inches
+    assert legend.y1 <= box.y0  # below the axes
+    assert ax.get_legend() is None
+
+
+def test_single_experiment_plots_have_plain_ticks(runs, tmp_path):
+    """BP's cosine is 1 to 1e-12: no offset label; one epoch: integer ticks only."""
+    flat, close = load_run(runs / "single" / "bp-0"), load_run(runs / "single" / "bp-0")
+    for run, slope in ((flat, 1e-13), (close, 1e-6)):  # BP's 1 to 1e-12; near 1: an offset's case
+        run.records = [r for r in run.records if r["epoch"] == 1]
+        run.records += [{"step": s, "align/fc1/cos": 1 - slope * s} for s in (10, 20, 30)]
+    rows = [Row("synthetic", "fc", name, "", [run]) for name, run in (("bp", flat), ("x", close))]
+    fig = plot_layers(rows, "align/{}/cos", "align", "cos", tmp_path / "align.png")
+    fig.canvas.draw()
+    for ax, widened in zip(fig.axes, (True, False)):  # a flat curve gets a span around it
+        assert ax.yaxis.get_major_formatter().get_offset() == ""
+        assert (ax.get_ylim()[1] - ax.get_ylim()[0] > 0.05) == widened
+    fig = plot_accuracy(rows, "synthetic / fc", tmp_path / "acc.png")
+    lo, hi = fig.axes[0].get_xlim()
+    ticks = [t for t in fig.axes[0].get_xticks() if lo <= t <= hi]
+    assert ticks == [1.0]
+
+
+# ---- bad run dirs: each skipped with its reason, the rest reported ---------------------------
+
+
+def _write(name, content):
+    def corrupt(run_dir):
+        path = run_dir / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+
+    return corrupt
+
+
+def _edit_summary(**changes):
+    def corrupt(run_dir):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        (run_dir / "summary.json").write_text(json.dumps({**summary, **changes}))
+
+    return corrupt
+
+
+def _edit_first_evaluation(**changes):
+    def corrupt(run_dir):
+        rows = records(run_dir)
+        first = next(i for i, r in enumerate(rows) if "test/acc" in r)
+        rows[first] = {**rows[first], **changes}
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    return corrupt
+
+
+def _append_bytes(run_dir):
+    with (run_dir / "metrics.jsonl").open("ab") as f:
+        f.write(b'{"epoch": 4, "test/acc": 0.5}\n\xff\xfe\x00binary\n')
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (_append_bytes, "metrics.jsonl is not text (a bad byte at offset "),
+        (_write("summary.json", "null"), "summary.json is not a JSON object (it is NoneType)"),
+        (_write("summary.json", "[1, 2]"), "summary.json is not a JSON object (it is list)"),
+        (_edit_first_evaluation(epoch=0), "metrics.jsonl line 1: epoch must be an integer >= 1"),
+        (_edit_summary(seed="zero"), "seed must be an integer, got 'zero'"),
+        (_edit_summary(model=["fc"]), "summary.json's model must be text"),
+        (
+            _edit_first_evaluation(**{"test/acc": "97%"}),
+            "metrics.jsonl line 1: test/acc must be a fraction",
+        ),
+        (_write(".hydra/config.yaml", b"seed: \xff\n"), ".hydra/config.yaml is not text"),
+    ],
+)
+def test_a_bad_run_dir_is_skipped_with_its_reason(runs, tmp_path, corrupt, reason):
+    good = copy_run(runs / "single" / "bp-1", tmp_path / "runs" / "good")
+    bad = copy_run(runs / "single" / "bp-0", tmp_path / "runs" / "bad")
+    corrupt(bad)
+    result = make_report([tmp_path / "runs"], tmp_path / "report")
+    assert [[r.path for r in row.runs] for row in result.rows] == [[good.resolve()]]
+    (skip,) = [s for s in result.skipped if s.what.endswith("bad")]
+    assert skip.why.startswith(reason) and skip.kind == "unreadable"
+
+
+@pytest.mark.parametrize("status", [None, "interrupted"])
+def test_killed_run_says_what_its_records_and_checkpoint_hold(runs, tmp_path, status):
+    run_dir = copy_run(runs / "sweep" / "fdfa-0", tmp_path / "runs" / "killed")
+    if status is None:
+        (run_dir / "summary.json").unlink()
+    else:
+        _edit_summary(status=status)(run_dir)
+    (run_dir / "last.ckpt").unlink()
+    result = make_report([runs / "single", tmp_path / "runs"], tmp_path / "report")
+    (skip,) = [s for s in result.skipped if s.what.endswith("killed")]
+    expected = "no summary.json: interrupted or still running" if status is None else "interrupted"
+    assert skip.why == (  # the last record is an alignment record of step 20 (ALIGN_STEPS)
+        f"{expected}, 3 of 3 epochs done (last record: step 20); last.ckpt absent"
+    )
+    assert "failed before training" not in (tmp_path / "report" / "results.md").read_text()

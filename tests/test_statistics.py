@@ -297,6 +297,7 @@ def test_dfa_with_w_out_as_feedback_gives_the_bp_gradient_of_the_last_hidden_lay
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_dkp_feedback_tracks_the_output_weights(tmp_path):
     """B_L starts at 0 (cos 0 with anything) and follows e^T h_L, the gradient W_out also follows,
     so after training cos(B_L, W_out) is far above its start. At lr 1e-2 for both, 32 steps take
@@ -323,6 +324,7 @@ def test_dkp_feedback_tracks_the_output_weights(tmp_path):
 # --- The variance claim ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fdfa_has_lower_gradient_mse_than_fg_a_and_fg_a_than_fg_w_on_mnist(mnist_root, tmp_path):
     """MNIST, FC 2x800, frozen at the checkpoint after 1 epoch of FDFA (default config); FDFA uses
     that run's trained feedback. Per block: relative MSE |estimate - g|^2 / |g|^2 of one step's

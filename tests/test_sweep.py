@@ -226,6 +226,7 @@ def compose_sweep(name: str):
 # ------------------------------------------------------------------------- python run.py -m
 
 
+@pytest.mark.slow
 def test_sweep_runs_n_trials_reports_and_resumes(tmp_path):
     no_pruning = "hydra/sweeper/pruner=none"  # each trial's value is then its job's best/val/acc
     res = sweep_cli(
@@ -258,6 +259,7 @@ def test_sweep_runs_n_trials_reports_and_resumes(tmp_path):
     assert (tmp_path / "worker-1.log").is_file()
 
 
+@pytest.mark.slow
 def test_two_workers_started_together_share_one_fresh_study(tmp_path):
     slow = ["dataset._target_=tests.test_sweep.HeldData", "+dataset.delay_s=0.5"]
     cmd = ["hydra.sweeper.n_trials=8", *slow]
@@ -271,6 +273,7 @@ def test_two_workers_started_together_share_one_fresh_study(tmp_path):
     assert pids == {w.pid for w in workers}  # both contributed (each trial takes >= 0.5 s)
 
 
+@pytest.mark.slow
 def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path):
     """Queued: two good lrs, a too small lr (pruned by the median rule after epoch 1), and an
     lr so large that the loss overflows (the trainer stops: FAILED with the reason)."""
@@ -298,6 +301,7 @@ def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path):
     assert dict(results.trials) == {"complete": 2, "pruned": 1, "fail": 1}
 
 
+@pytest.mark.slow
 def test_too_many_failures_stop_the_sweep_with_one_line(tmp_path):
     queue(tmp_path, 1e20, 1e20)
     res = sweep_cli(
@@ -312,6 +316,7 @@ def test_too_many_failures_stop_the_sweep_with_one_line(tmp_path):
     assert len(load(tmp_path).trials) == 2  # stopped after the second failure (2 > 0.25 * 4)
 
 
+@pytest.mark.slow
 def test_rerun_redoes_the_trial_of_a_killed_worker(tmp_path):
     hold, started = tmp_path / "hold", tmp_path / "started"
     hold.touch()
@@ -339,6 +344,7 @@ def test_rerun_redoes_the_trial_of_a_killed_worker(tmp_path):
     assert redo.state == new.state == TrialState.COMPLETE
 
 
+@pytest.mark.slow
 def test_sweep_without_a_validation_set_stops_unless_test_selection_is_asked_for(tmp_path):
     res = sweep_cli(tmp_path / "refused", "dataset.val_size=0", "hydra.sweeper.n_trials=1")
     assert res.returncode == 2
@@ -354,6 +360,7 @@ def test_sweep_without_a_validation_set_stops_unless_test_selection_is_asked_for
     assert load(tmp_path / "asked").trials[0].value == summary["best/test/acc"]
 
 
+@pytest.mark.slow
 def test_confirmation_reruns_the_best_params_with_seeds_and_a_rerun_resumes(tmp_path):
     cmd = ["hydra.sweeper.n_trials=2", "hydra.sweeper.confirm_seeds=2", "hydra/sweeper/pruner=none"]
     res = sweep_cli(tmp_path, *cmd)
@@ -391,6 +398,7 @@ def test_confirmation_reruns_the_best_params_with_seeds_and_a_rerun_resumes(tmp_
     assert "confirmation run, seed 0" not in res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_compare_sweep_is_a_grid_of_rules_and_seeds(tmp_path):
     tiny = [a for a in TINY if not a.startswith("algorithm=")]
     # The command line narrows the file's grid (algorithm: bp,dfa,dkp,fdfa, seed: 0,1,2).
@@ -448,6 +456,7 @@ def postgres_url():
         shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url):
     """Two workers with separate sweep dirs (as on two machines) and one PostgreSQL study."""
     shared = [

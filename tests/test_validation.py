@@ -17,6 +17,7 @@ def one_error_line(res):
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, expected",
     [
@@ -31,12 +32,14 @@ def test_cli_bad_values(tmp_path, override, expected):
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):
     res = run_cli(["algorithm=bpp", f"hydra.run.dir={tmp_path}"])
     line = one_error_line(res)
     assert "unknown algorithm 'bpp': choose one of bp, dfa, dkp, fdfa" in line
 
 
+@pytest.mark.slow
 def test_cli_unwritable_run_dir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -44,6 +47,7 @@ def test_cli_unwritable_run_dir(tmp_path):
     assert f"hydra.run.dir {blocker / 'run'} is not a writable folder" in line
 
 
+@pytest.mark.slow
 def test_cli_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\x00not a checkpoint")

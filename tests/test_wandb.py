@@ -47,6 +47,7 @@ def the_run(root, timeout_s=10.0):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_offline_run_holds_config_tags_history_and_summary(tmp_path):
     logger = WandbLogger(
         out_dir=str(tmp_path),
@@ -71,6 +72,7 @@ def test_offline_run_holds_config_tags_history_and_summary(tmp_path):
     assert run.summary["status"] == "completed" and run.exit_code == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "status, exit_code", [("failed", 1), ("pruned", 0), ("diverged", 0), ("completed", 0)]
 )
@@ -124,6 +126,7 @@ def test_config_takes_mode_and_group_from_the_environment(monkeypatch):
     assert cfg.csv._target_ == "fdfa.loggers.CSVLogger"
 
 
+@pytest.mark.slow
 def test_a_training_run_writes_test_acc_and_alignment_to_the_wandb_summary(tmp_path):
     cfg = compose_config(
         synthetic_overrides(
@@ -143,6 +146,7 @@ def test_a_training_run_writes_test_acc_and_alignment_to_the_wandb_summary(tmp_p
     assert (tmp_path / "metrics.csv").exists()
 
 
+@pytest.mark.slow
 def test_jobs_in_one_process_each_finish_their_run_also_when_one_raises(tmp_path):
     """As in a sweep: a job whose callback raises, then a job that completes."""
 
