@@ -48,13 +48,16 @@ class HeldData(PrototypeData):
         super().__init__(**kwargs)
 
 
-def sweep_cli(sweep_dir: Path, *extra: str, sweep: str = "lr", popen: bool = False):
+def sweep_cli(
+    sweep_dir: Path, *extra: str, sweep: str = "lr", popen: bool = False, env: dict | None = None
+):
     """``python run.py -m sweep=<sweep>`` on the tiny task, its sweep dir and SQLite study in
-    ``sweep_dir``; returns the finished process, or the running Popen with ``popen=True``."""
+    ``sweep_dir``; returns the finished process, or the running Popen with ``popen=True`` (and
+    the extra environment variables ``env``)."""
     args = ["-m", f"sweep={sweep}", *TINY, f"hydra.sweep.dir={sweep_dir}", *extra]
     if not popen:
         return run_cli(args)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **(env or {})}
     return subprocess.Popen(
         [sys.executable, str(REPO / "run.py"), *args],
         cwd=REPO,

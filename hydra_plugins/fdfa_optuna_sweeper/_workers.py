@@ -67,8 +67,8 @@ def start_processes(plan: Plan, n_jobs: int) -> list:
         if plan.seed is not None:
             extra.append(f"hydra.sweeper.sampler.seed={plan.seed + i}")
         env = dict(os.environ)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        if gpus:  # the worker's only GPU, also as the machine's GPUs it may choose from
+            env["CUDA_VISIBLE_DEVICES"] = env[job_side.GPUS_ENV] = gpus[i % len(gpus)]
         path = plan.sweep_dir / f"worker-{i}.log"
         with path.open("ab") as out:
             cmd = [sys.executable, sys.argv[0], *args, *extra]
@@ -79,9 +79,11 @@ def start_processes(plan: Plan, n_jobs: int) -> list:
 
 
 def worker_jobs(plan: Plan, n_jobs: int) -> list[list[str]]:
-    """The overrides of the launcher jobs that run the workers: job i in <sweep dir>/workers/i."""
+    """The overrides of the launcher jobs that run the workers: job i in <sweep dir>/workers/i,
+    with the command line's fixed overrides (``sweep=...`` among them: the job's config must
+    compose with the same hydra.sweeper keys as the command's)."""
     where = f"hydra.sweep.dir={quote(str(plan.sweep_dir))}"
-    return [[where, f"hydra.sweep.subdir=workers/{i}"] for i in range(n_jobs)]
+    return [[*plan.fixed, where, f"hydra.sweep.subdir=workers/{i}"] for i in range(n_jobs)]
 
 
 class WorkerTask:
