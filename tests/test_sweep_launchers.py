@@ -182,6 +182,7 @@ def test_killed_submitit_worker_trial_is_redone(tmp_path):
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=2",
         "hydra.sweeper.confirm_seeds=0",
+        "hydra.sweeper.grace_period=3600",  # redone because its process is gone, not silent
         SUBMITIT,
         "dataset._target_=tests.test_sweep.HeldData",
         f"+dataset.hold_file={hold}",
