@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
@@ -24,7 +25,7 @@ from fdfa.errors import FdfaError
 from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
 from hydra_plugins.fdfa_optuna_sweeper import _storage as storage
 from hydra_plugins.fdfa_optuna_sweeper._workers import resolve_n_jobs
-from tests.helpers import REPO
+from tests.helpers import REPO, PrototypeData
 from tests.test_sweep import TINY, finished, load, sweep_cli
 
 SLOW = ["dataset._target_=tests.test_sweep.HeldData", "+dataset.delay_s=0.5"]
@@ -33,6 +34,24 @@ SUBMITIT = "hydra/launcher=submitit_local"
 
 def needs_submitit():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install '.[cluster]'")
+
+
+class TrainerLikeData(PrototypeData):
+    """Handles SIGTERM itself, as the trainer does: writes status ``interrupted`` to the job's
+    summary.json and raises an exception of its own, which the sweeper does not know."""
+
+    def __init__(self, started_file=None, **kwargs):
+        stop = []
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+        try:
+            Path(started_file).touch()
+            while not stop:
+                time.sleep(0.05)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        out = Path(HydraConfig.get().runtime.output_dir)
+        (out / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+        raise RuntimeError("stopped at a step boundary")
 
 
 def worker_gpus(study) -> dict:
@@ -151,6 +170,24 @@ def test_sigterm_hands_the_running_trial_back_at_once(tmp_path):
     trials = load(tmp_path / "sweep").trials
     assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2
     assert trials[1].params == stopped.params
+
+
+def test_sigterm_caught_by_the_job_itself_still_hands_the_trial_back(tmp_path):
+    started = tmp_path / "started"
+    cmd = [
+        "dataset._target_=tests.test_sweep_launchers.TrainerLikeData",
+        f"+dataset.started_file={started}",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.grace_period=3600",
+    ]
+    worker = sweep_cli(tmp_path / "sweep", *cmd, popen=True)
+    wait_for(started, worker)
+    worker.send_signal(signal.SIGTERM)
+    out = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 143, out
+    stopped, redo = load(tmp_path / "sweep").trials
+    assert stopped.state == TrialState.FAIL and "interrupted" in stopped.user_attrs["fail_reason"]
+    assert redo.state == TrialState.WAITING and redo.user_attrs["redo_of"] == 0
 
 
 def test_optuna_sweep_through_submitit_local(tmp_path):

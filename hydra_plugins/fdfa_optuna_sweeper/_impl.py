@@ -309,11 +309,13 @@ class OptunaSweep:
         overrides = job_overrides(plan.fixed, trial.params, f"++optuna_trial={trial.number}")
         self._move_stale_job_dir(trial.number)
         reporter = job_side.start_trial(trial, self.objective, self.direction)
+        job_dir = plan.sweep_dir / str(trial.number)  # as the default subdir has it
         try:
             with Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval):
                 with self.signals.job():
                     (ret,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
             status, result = ret.status, ret._return_value  # .return_value raises on failure
+            job_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir)
         except Exception as err:  # the job could not start
             status, result = JobStatus.FAILED, err
         finally:
@@ -321,7 +323,7 @@ class OptunaSweep:
         if status == JobStatus.FAILED and (
             self.signals.received
             or isinstance(find_fdfa_error(result), Preempted)
-            or job_status(plan.sweep_dir, trial.number) == "interrupted"
+            or job_status(job_dir) == "interrupted"  # the trainer handled the signal itself
         ):
             why = self.signals.received or "interrupted"
             hand_back(study, self.storage, trial, f"its worker was stopped ({why})")
@@ -477,10 +479,10 @@ class OptunaSweep:
             save_plots(study, sweep_dir)
 
 
-def job_status(sweep_dir: Path, number: int) -> str | None:
-    """The ``status`` in trial ``number``'s summary.json, if there is one."""
+def job_status(job_dir: Path) -> str | None:
+    """The ``status`` in a job's summary.json, if there is one."""
     try:
-        return json.loads((sweep_dir / str(number) / "summary.json").read_text()).get("status")
+        return json.loads((job_dir / "summary.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         return None
 
