@@ -62,11 +62,22 @@ def worker_gpus(study) -> dict:
     }
 
 
+def finish(proc, timeout: float) -> str:
+    """The process's output once it exits; killed (and the test then fails) after ``timeout``."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0] + f"\n[killed after {timeout} s]"
+
+
 def wait_for(path: Path, proc, seconds: float = 180) -> None:
     deadline = time.time() + seconds
     while not path.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    assert path.exists(), proc.communicate()[0] if proc.poll() is not None else "timed out"
+    if not path.exists():
+        proc.kill()
+        pytest.fail(f"{path.name} never appeared: {proc.communicate()[0]}")
 
 
 # ------------------------------------------------------------------------- fast, in-process
@@ -133,7 +144,7 @@ def test_local_workers_each_get_their_gpu(tmp_path):
     """n_jobs=auto with 2 (faked) GPUs: 2 worker processes, one on each."""
     cmd = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=auto", *SLOW]
     proc = sweep_cli(tmp_path, *cmd, popen=True, env={"CUDA_VISIBLE_DEVICES": "0,1"})
-    out = proc.communicate(timeout=300)[0]
+    out = finish(proc, 300)
     assert proc.returncode == 0, out
     study = load(tmp_path)
     assert len(finished(study)) == len(study.trials) == 4
@@ -156,7 +167,7 @@ def test_sigterm_hands_the_running_trial_back_at_once(tmp_path):
     wait_for(started, worker)
     t0 = time.time()
     worker.send_signal(signal.SIGTERM)  # trial 0's job is running (blocked in its dataset)
-    out = worker.communicate(timeout=120)[0]
+    out = finish(worker, 120)
     assert worker.returncode == 143, out
     assert time.time() - t0 < 60
     assert "trial 0 handed back" in out.splitlines()[-1]  # one line says so
@@ -183,7 +194,7 @@ def test_sigterm_caught_by_the_job_itself_still_hands_the_trial_back(tmp_path):
     worker = sweep_cli(tmp_path / "sweep", *cmd, popen=True)
     wait_for(started, worker)
     worker.send_signal(signal.SIGTERM)
-    out = worker.communicate(timeout=120)[0]
+    out = finish(worker, 120)
     assert worker.returncode == 143, out
     stopped, redo = load(tmp_path / "sweep").trials
     assert stopped.state == TrialState.FAIL and "interrupted" in stopped.user_attrs["fail_reason"]
@@ -196,7 +207,7 @@ def test_optuna_sweep_through_submitit_local(tmp_path):
     cmd = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra.sweeper.confirm_seeds=2"]
     cmd += [SUBMITIT, *SLOW]
     proc = sweep_cli(tmp_path, *cmd, popen=True, env={"CUDA_VISIBLE_DEVICES": "0,1"})
-    out = proc.communicate(timeout=400)[0]
+    out = finish(proc, 400)
     assert proc.returncode == 0, out
     study = load(tmp_path)
     assert [t.number for t in finished(study)] == list(range(4)) and len(study.trials) == 4
@@ -230,7 +241,7 @@ def test_killed_submitit_worker_trial_is_redone(tmp_path):
     first = load(tmp_path / "s").trials[0]
     os.kill(first.system_attrs[liveness.WORKER_ATTR]["pid"], signal.SIGKILL)
     hold.unlink()
-    out = proc.communicate(timeout=400)[0]
+    out = finish(proc, 400)
     assert proc.returncode == 0, out
     trials = load(tmp_path / "s").trials
     killed = trials[0]
@@ -280,7 +291,7 @@ def test_slurm_array_script_tasks_share_one_journal_study(tmp_path):
         )  # fmt: skip
         for i in range(2)
     ]
-    outputs = [t.communicate(timeout=300)[0] for t in tasks]
+    outputs = [finish(t, 300) for t in tasks]
     for task, out in zip(tasks, outputs):
         assert task.returncode == 0, out
     journal = f"journal:{tmp_path / 'sweep' / 'optuna.journal'}"
