@@ -1,72 +1,13 @@
-"""fdfa's one entry point.
+"""fdfa's entry point in a checkout: ``python run.py ARGS`` is ``fdfa ARGS`` (fdfa/cli.py).
 
     python run.py                                   # FDFA, FC 2x800, MNIST
     python run.py algorithm=dfa model=cnn optimizer.lr=3e-4
     python run.py -m algorithm=bp,dfa,dkp,fdfa seed=0,1
 
 Config lives in conf/; every run writes metrics.jsonl and summary.json into its Hydra run dir.
-Exit codes: 0 done, 2 a problem the user can fix (one line on stderr, also in run.log), 130 / 143
-stopped by SIGINT / SIGTERM (last.ckpt written: rerun to resume), 1 a bug (a traceback).
 """
 
-import logging
-import sys
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-
-from fdfa.allocator import keep_freed_memory
-from fdfa.errors import FdfaError, Interrupted, RunDirRefused, find_fdfa_error
-from fdfa.sweep import job_callbacks
-from fdfa.train import train
-from fdfa.validate import preflight
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    hc = HydraConfig.get()
-    names = {g: hc.runtime.choices.get(g) for g in ("algorithm", "model", "dataset")}
-    record = {  # .hydra/, as Hydra would write it (conf/config.yaml: hydra.output_subdir: null)
-        "config.yaml": OmegaConf.to_yaml(cfg),
-        "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
-        "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
-    }
-    try:
-        summary = train(cfg, hc.runtime.output_dir, names, job_callbacks(), record)
-    except Exception as err:
-        user_error = find_fdfa_error(err)
-        if user_error is None or hc.mode == RunMode.MULTIRUN:
-            raise  # a bug shows its traceback; a sweeper records the failed job and goes on
-        if not isinstance(user_error, RunDirRefused):  # a refused run leaves the dir as it was
-            to_run_log(f"error: {user_error}")
-        print(f"error: {user_error}", file=sys.stderr)
-        sys.exit(2)
-    # What a sweeper maximises: the best validation accuracy (selection on validation data);
-    # without a validation set, the last epoch's test accuracy (never the max over epochs).
-    best_val = summary["best/val/acc"]
-    return summary["selected/test/acc"] if best_val is None else best_val
-
-
-def to_run_log(line: str) -> None:
-    """Append ``line`` to the run's log file (run.log) only: stderr gets it once, from us."""
-    record = logging.LogRecord("fdfa", logging.ERROR, __file__, 0, line, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
+from fdfa.cli import main
 
 if __name__ == "__main__":
-    try:
-        preflight(sys.argv[1:])  # unknown group options, an unwritable run dir: one line, exit 2
-    except FdfaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    keep_freed_memory()  # no page-fault storms on CPU steps (fdfa/allocator.py)
-    logging.raiseExceptions = False  # a full disk must not turn each log line into a traceback
-    try:
-        main()
-    except Interrupted as stop:  # last.ckpt and summary.json are written; a rerun resumes
-        print(stop, file=sys.stderr)
-        sys.exit(stop.exit_code)
+    main()

@@ -18,6 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _private_op(owner, name: str):
+    """A private torch op, or None where this torch lacks it (then the public path runs)."""
+    try:
+        return getattr(owner, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# BatchNorm's own kernels (cuDNN on a GPU) and ReLU's backward: one fused kernel each.
+_bn_forward = _private_op(torch, "_batch_norm_impl_index")
+_bn_backward = _private_op(torch.ops.aten, "_batch_norm_impl_index_backward")
+_threshold_backward = _private_op(torch.ops.aten, "threshold_backward")
+
+
 def forward_with_tangent(module: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
     if t is None:
         return module(x), None
@@ -66,13 +80,15 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x, t):
         with torch.no_grad():
             scale = torch.rsqrt(m.running_var + m.eps) * (m.weight if m.affine else 1.0)
             return y, t * scale.view(shape)
+    if _bn_forward is None or _bn_backward is None:
+        return _batch_norm_public(m, x, t, shape)
     # Batch statistics, as the module's forward: the same op (cuDNN's kernel on a GPU, the native
     # one on the CPU) and the same running-statistics update, keeping the batch mean and 1/std.
     momentum = 0.0
     if m.training and m.track_running_stats and m.num_batches_tracked is not None:
         m.num_batches_tracked.add_(1)
         momentum = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
-    y, mean, inv_std, reserve, impl = torch._batch_norm_impl_index(
+    y, mean, inv_std, reserve, impl = _bn_forward(
         x, m.weight, m.bias, m.running_mean, m.running_var, True, momentum, m.eps,
         torch.backends.cudnn.enabled,
     )  # fmt: skip
@@ -82,23 +98,41 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x, t):
             # kernel of the same implementation applied to t:
             # (t - mean(t) - x_hat * mean(x_hat * t)) * gamma / std
             only_input = [True, False, False]
-            return y, torch.ops.aten._batch_norm_impl_index_backward(
+            return y, _bn_backward(
                 impl, x.detach(), t, m.weight, m.running_mean, m.running_var, mean, inv_std, True,
                 m.eps, only_input, reserve,
             )[0]  # fmt: skip
-        dims = [d + 1 for d in [0] + list(range(2, x.dim()))]  # per direction: batch (+ space)
-        x_hat = (x.detach() - mean.view(shape)) * inv_std.view(shape)
-        centre = torch.addcmul(
-            t.mean(dims, keepdim=True), x_hat, (x_hat * t).mean(dims, keepdim=True)
-        )
-        scale = inv_std * m.weight if m.affine else inv_std
-        return y, (t - centre).mul_(scale.view(shape))
+        return y, _batch_norm_tangent(m, x, t, mean, inv_std, shape)
+
+
+def _batch_norm_public(m, x, t, shape):
+    """Batch statistics with public ops only: the module's forward (which updates the running
+    statistics), the batch mean and 1/std recomputed, and the closed-form tangent."""
+    y = m(x)
+    with torch.no_grad():
+        dims = [0] + list(range(2, x.dim()))
+        xd = x.detach()
+        mean = xd.mean(dims)
+        inv_std = torch.rsqrt(xd.var(dims, unbiased=False) + m.eps)
+        return y, _batch_norm_tangent(m, x, t, mean, inv_std, shape)
+
+
+def _batch_norm_tangent(m, x, t, mean, inv_std, shape):
+    """(t - mean(t) - x_hat * mean(x_hat * t)) * gamma / std, per direction when stacked."""
+    offset = 1 if _stacked(x, t) else 0
+    dims = [d + offset for d in [0] + list(range(2, x.dim()))]  # per direction: batch (+ space)
+    x_hat = (x.detach() - mean.view(shape)) * inv_std.view(shape)
+    centre = torch.addcmul(t.mean(dims, keepdim=True), x_hat, (x_hat * t).mean(dims, keepdim=True))
+    scale = inv_std * m.weight if m.affine else inv_std
+    return (t - centre).mul_(scale.view(shape))
 
 
 def _relu(m, x, t):
     y = m(x)
     with torch.no_grad():  # t where y > 0, else 0: one fused kernel
-        return y, torch.ops.aten.threshold_backward(t, y.detach(), 0)
+        if _threshold_backward is None:
+            return y, t * (y.detach() > 0)
+        return y, _threshold_backward(t, y.detach(), 0)
 
 
 def _tanh(m, x, t):

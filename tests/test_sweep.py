@@ -26,7 +26,9 @@ from optuna.trial import TrialState
 
 from fdfa import sweep as job_side
 from fdfa.errors import FdfaError
-from hydra_plugins.fdfa_optuna_sweeper import _impl
+from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
+from hydra_plugins.fdfa_optuna_sweeper import _space as space
+from hydra_plugins.fdfa_optuna_sweeper import _storage as storage
 from tests.helpers import REPO, PrototypeData, run_cli, synthetic_overrides
 
 SWEEPS = REPO / "sweeps"
@@ -46,13 +48,16 @@ class HeldData(PrototypeData):
         super().__init__(**kwargs)
 
 
-def sweep_cli(sweep_dir: Path, *extra: str, sweep: str = "lr", popen: bool = False):
+def sweep_cli(
+    sweep_dir: Path, *extra: str, sweep: str = "lr", popen: bool = False, env: dict | None = None
+):
     """``python run.py -m sweep=<sweep>`` on the tiny task, its sweep dir and SQLite study in
-    ``sweep_dir``; returns the finished process, or the running Popen with ``popen=True``."""
+    ``sweep_dir``; returns the finished process, or the running Popen with ``popen=True`` (and
+    the extra environment variables ``env``)."""
     args = ["-m", f"sweep={sweep}", *TINY, f"hydra.sweep.dir={sweep_dir}", *extra]
     if not popen:
         return run_cli(args)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **(env or {})}
     return subprocess.Popen(
         [sys.executable, str(REPO / "run.py"), *args],
         cwd=REPO,
@@ -102,7 +107,7 @@ def finished(study) -> list:
 )
 def test_search_space_grammar_of_the_official_plugin(text, expected):
     override = OverridesParser.create().parse_override(f"key={text}")
-    assert _impl.to_distribution(override) == expected
+    assert space.to_distribution(override) == expected
 
 
 @pytest.mark.parametrize(
@@ -111,13 +116,13 @@ def test_search_space_grammar_of_the_official_plugin(text, expected):
 def test_bad_search_space_is_a_user_error(text):
     override = OverridesParser.create().parse_override(f"optimizer.lr={text}")
     with pytest.raises(FdfaError, match="optimizer.lr"):
-        _impl.to_distribution(override)
+        space.to_distribution(override)
 
 
 def test_sampled_values_become_overrides_hydra_parses_back():
     parser = OverridesParser.create()
     for value in (1e-05, 0.99, 3, True, None, "dfa", "a b'c"):
-        text = _impl.override_value(value)
+        text = space.override_value(value)
         assert parser.parse_override(f"key={text}").value() == value
 
 
@@ -150,25 +155,24 @@ def test_trial_reporter_reports_each_epoch_and_prunes():
 def test_silent_or_dead_workers_trials_are_failed_and_queued_again(tmp_path):
     """A running trial is abandoned when its heartbeat is older than grace_period (any
     machine), or at once when its worker's process on this machine is gone."""
-    storage = _impl.make_storage(sqlite_url(tmp_path))
-    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    sweep = _impl.OptunaSweep(None, sampler=None, pruner=None, grace_period=60.0)
-    sweep.storage = storage
+    store = storage.make_storage(sqlite_url(tmp_path))
+    study = optuna.create_study(study_name="s", storage=store, direction="maximize")
+    machine = liveness.machine_id()
     dead = subprocess.Popen(["true"])
     dead.wait()
     now = time.time()
     workers = {
         "silent": ({"machine": "elsewhere", "pid": 1, "host": "b"}, now - 61),
         "slow but beating": ({"machine": "elsewhere", "pid": 1, "host": "b"}, now - 5),
-        "dead": ({"machine": sweep.machine, "pid": dead.pid, "host": "a"}, now),
-        "alive": ({"machine": sweep.machine, "pid": os.getppid(), "host": "a"}, now),
+        "dead": ({"machine": machine, "pid": dead.pid, "host": "a"}, now),
+        "alive": ({"machine": machine, "pid": os.getppid(), "host": "a"}, now),
     }
     for i, (worker, beat) in enumerate(workers.values()):
         trial = study.ask({"x": FloatDistribution(0, 10)})
-        storage.set_trial_system_attr(trial._trial_id, _impl.WORKER_ATTR, worker)
-        storage.set_trial_system_attr(trial._trial_id, _impl.HEARTBEAT_ATTR, beat)
-        storage.set_trial_user_attr(trial._trial_id, "i", i)
-    sweep._fail_abandoned(study)
+        store.set_trial_system_attr(trial._trial_id, liveness.WORKER_ATTR, worker)
+        store.set_trial_system_attr(trial._trial_id, liveness.HEARTBEAT_ATTR, beat)
+        store.set_trial_user_attr(trial._trial_id, "i", i)
+    liveness.fail_abandoned(study, store, machine, grace_period=60.0)
     trials = study.get_trials()
     states = {name: trials[i].state for i, name in enumerate(workers)}
     assert states == {
@@ -181,7 +185,7 @@ def test_silent_or_dead_workers_trials_are_failed_and_queued_again(tmp_path):
     assert sorted(t.user_attrs["redo_of"] for t in redos) == [0, 2]
     for redo in redos:  # same parameters as the abandoned trial
         assert redo.system_attrs["fixed_params"] == trials[redo.user_attrs["redo_of"]].params
-    assert all(not _impl.counts(trials[i]) for i in (0, 2))  # their places go to the redos
+    assert all(not liveness.counts(trials[i]) for i in (0, 2))  # their places go to the redos
     assert "abandoned" in trials[0].user_attrs["fail_reason"]
 
 
@@ -190,7 +194,7 @@ def test_every_sweep_file_composes_and_parses():
 
     names = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
     assert {"lr", "fdfa", "fdfa_adam", "dkp", "compare"} <= set(names)
-    assert (REPO / "conf" / "sweep").resolve() == SWEEPS
+    assert not (REPO / "conf" / "sweep").exists()  # the group comes from sweeps/ itself
     parser = OverridesParser.create()
     for name in names:
         lines = (SWEEPS / f"{name}.yaml").read_text().splitlines()
@@ -207,7 +211,7 @@ def test_every_sweep_file_composes_and_parses():
         assert cfg.hydra.sweeper._target_.endswith("FdfaOptunaSweeper")
         for key, text in params.items():
             assert OmegaConf.select(cfg, key) is not None, f"{name}: {key} is not a config key"
-            _impl.to_distribution(parser.parse_override(f"{key}={text}"))
+            space.to_distribution(parser.parse_override(f"{key}={text}"))
     fdfa = compose_sweep("fdfa")
     assert fdfa.algorithm.feedback_update == "ema" and "algorithm.momentum" in (
         fdfa.hydra.sweeper.params
@@ -269,7 +273,7 @@ def test_two_workers_started_together_share_one_fresh_study(tmp_path):
         assert worker.returncode == 0, out
     study = load(tmp_path)
     assert [t.number for t in finished(study)] == list(range(8)) and len(study.trials) == 8
-    pids = {t.system_attrs[_impl.WORKER_ATTR]["pid"] for t in study.trials}
+    pids = {t.system_attrs[liveness.WORKER_ATTR]["pid"] for t in study.trials}
     assert pids == {w.pid for w in workers}  # both contributed (each trial takes >= 0.5 s)
 
 
@@ -472,7 +476,7 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url
         assert worker.returncode == 0, out
     study = load(tmp_path, name="shared", storage=postgres_url)
     assert [t.number for t in finished(study)] == list(range(6)) and len(study.trials) == 6
-    assert {t.system_attrs[_impl.WORKER_ATTR]["pid"] for t in study.trials} == {
+    assert {t.system_attrs[liveness.WORKER_ATTR]["pid"] for t in study.trials} == {
         w.pid for w in workers
     }
     ran = sorted(int(p.name) for d in ("a", "b") for p in (tmp_path / d).glob("[0-9]*"))

@@ -66,7 +66,8 @@ class FdfaOptunaSweeperConf:
     storage: str | None = None  # null: SQLite file optuna.db in the sweep dir; any SQLAlchemy
     # URL (postgresql://user@host/db, mysql://...) or journal:PATH for a shared study
     n_trials: int = 20  # trials of the whole study (complete + pruned + failed), over all workers
-    n_jobs: int = 1  # worker processes this command runs on this machine (each one trial at a time)
+    n_jobs: Any = 1  # workers this command starts (each one trial at a time): processes here with
+    # the basic launcher, else jobs of hydra/launcher; auto: one per GPU here (one on a CPU)
     max_failure_rate: float = 0.5  # stop once more than this fraction of n_trials has failed
     heartbeat_interval: float = 10.0  # seconds between a running trial's heartbeats
     grace_period: float = 120.0  # a trial silent this long (its worker died) is failed and redone

@@ -1,7 +1,12 @@
-"""The Hydra-facing sweeper class; the work is in _impl.py, imported only when a sweep starts."""
+"""The Hydra-facing sweeper class; the work is in _impl.py, imported only when a sweep starts.
+
+The one place where the sweeper's user errors (``FdfaError``) become one line on stderr and exit
+code 2 (a worker stopped by SIGTERM: 143), instead of Hydra's traceback report."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
@@ -9,6 +14,16 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 import hydra_plugins.fdfa_optuna_sweeper.config  # noqa: F401  (registers the configs)
+from fdfa.errors import FdfaError
+
+
+@contextlib.contextmanager
+def user_errors():
+    try:
+        yield
+    except FdfaError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 2))
 
 
 class FdfaOptunaSweeper(Sweeper):
@@ -25,8 +40,10 @@ class FdfaOptunaSweeper(Sweeper):
 
         self.hydra_context = hydra_context
         self.config = config
-        self.impl = OptunaSweep(self, **self.settings)
-        self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        with user_errors():
+            self.impl = OptunaSweep(self, **self.settings)
+            self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        return self.impl.sweep(arguments)
+        with user_errors():
+            return self.impl.sweep(arguments)
