@@ -104,10 +104,10 @@ def preflight(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         return  # the user brings their own configs or asks Hydra for help
     for arg in argv:
         m = GROUP_OVERRIDE.match(arg)
-        if not m or not (conf_dir / m.group(1)).is_dir():
+        if not m or group_dir(m.group(1), conf_dir) is None:
             continue
         group, value = m.groups()
-        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        options = sorted(p.stem for p in group_dir(group, conf_dir).glob("*.yaml"))
         for option in _sweep_values(value):
             if option not in options and option != "null":
                 raise FdfaError(f"unknown {group} {option!r}: choose one of {', '.join(options)}")
@@ -165,8 +165,20 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
 
 
 def _is_group(override: Override, conf_dir: Path) -> bool:
-    """A choice of fdfa's groups (algorithm=bp, ~model, experiment=...), not a key."""
-    return (conf_dir / override.key_or_group).is_dir()
+    """A choice of fdfa's groups (algorithm=bp, ~model, experiment=..., sweep=...), not a key."""
+    return group_dir(override.key_or_group, conf_dir) is not None
+
+
+def group_dir(group: str, conf_dir: Path = CONF_DIR) -> Path | None:
+    """The folder of a config group's options: conf/<group>, or sweeps/ for ``sweep`` (registered
+    by the sweeper plugin, hydra_plugins/fdfa_optuna_sweeper/sweeps.py); None if not a group."""
+    if (conf_dir / group).is_dir():
+        return conf_dir / group
+    if group == "sweep":
+        from hydra_plugins.fdfa_optuna_sweeper.sweeps import sweeps_dir
+
+        return sweeps_dir()
+    return None
 
 
 def _compositions(groups: list[Override], conf_dir: Path):
