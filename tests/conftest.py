@@ -20,13 +20,15 @@ def _small_threads():
 
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory):
-    """A writable dataset root whose MNIST/raw links to the read-only shared archives."""
+    """A writable dataset root whose MNIST/raw links to the read-only shared archives (the .gz
+    files only: torchvision extracts beside them, and writing through a link to an extracted
+    file would change the shared copy)."""
     src = SHARED_DATA / "MNIST" / "raw"
     if not src.is_dir():
         pytest.skip(f"real MNIST not found at {src}")
     root = tmp_path_factory.mktemp("data")
     (root / "MNIST" / "raw").mkdir(parents=True)
-    for f in src.iterdir():
+    for f in src.glob("*.gz"):
         try:
             os.symlink(f, root / "MNIST" / "raw" / f.name)
         except OSError:

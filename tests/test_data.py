@@ -59,6 +59,7 @@ def test_cifar100_alexnet_path_resizes_and_augments(monkeypatch, tmp_path):
             "model=alexnet",
             "model.fc_width=64",
             "dataset.batch_size=8",
+            "dataset.val_size=8",  # of the stand-in's 40 training images
             "trainer.max_steps=2",
             "logger=none",
         ]
