@@ -75,7 +75,6 @@ def test_preset_composes_with_the_reference_hyperparameters(preset):
     assert cfg.dataset._target_ == "fdfa.data.FakeImageData" and cfg.trainer.epochs == 2
 
 
-@pytest.mark.slow
 def test_compare_sweep_runs_every_rule_with_three_seeds():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["sweep=compare"], return_hydra_config=True)
@@ -84,6 +83,7 @@ def test_compare_sweep_runs_every_rule_with_three_seeds():
     assert sorted(params.algorithm.split(",")) == ALGORITHMS and params.seed == "0,1,2"
 
 
+@pytest.mark.slow
 def test_experiment_multirun_lands_under_one_sweep_dir(tmp_path):
     res = run_cli(
         ["-m", "experiment=mnist_fc2", "algorithm=bp,dfa", "seed=0,1"]
