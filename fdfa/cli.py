@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,13 +24,7 @@ from fdfa.allocator import keep_freed_memory
 from fdfa.errors import FdfaError, Interrupted, RunDirRefused, find_fdfa_error
 from fdfa.sweep import assign_job_gpu, job_callbacks, record_machine_gpus
 from fdfa.train import train
-from fdfa.validate import preflight
-
-
-def config_dir() -> Path:
-    """conf/ shipped inside the package (a wheel), else the checkout's conf/ beside fdfa/."""
-    here = Path(__file__).resolve().parent
-    return here / "conf" if (here / "conf").is_dir() else here.parent / "conf"
+from fdfa.validate import CONF_DIR, preflight
 
 
 def task(cfg: DictConfig) -> float:
@@ -68,7 +61,7 @@ def to_run_log(line: str) -> None:
 
 
 def main() -> None:
-    conf = config_dir()
+    conf = CONF_DIR
     try:
         preflight(sys.argv[1:], conf)  # unknown group options, an unwritable run dir: one line
     except FdfaError as err:

@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdfa.errors import FdfaError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+_HERE = Path(__file__).resolve().parent
+# conf/ shipped inside the package (a wheel), else the checkout's conf/ beside fdfa/
+CONF_DIR = _HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf"
 
 
 def _number(v):

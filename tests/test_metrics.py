@@ -335,8 +335,9 @@ def test_trainer_logs_the_metrics_to_metrics_jsonl_and_csv(tmp_path):
     header = lines[0].split(",")
     assert len(lines) == 4 and "align/mean_cos" in header and "test/acc" in header
     # metrics rows came first, yet the columns start with the evaluation's, the rest sorted
-    assert header[:7] == ["step", "epoch", "train/loss", "test/loss", "test/acc", "lr", "time_s"]
-    assert header[7:] == sorted(header[7:])
+    evaluation = ["train/loss", "val/loss", "val/acc", "test/loss", "test/acc", "lr", "time_s"]
+    assert header[:9] == ["step", "epoch", *evaluation]
+    assert header[9:] == sorted(header[9:])
     cfg = compose_config(synthetic_overrides("trainer.max_steps=4", "metrics.every_n_steps=null"))
     train(cfg, tmp_path / "off")
     assert not any("align/mean_cos" in line for line in (tmp_path / "off/metrics.jsonl").open())
