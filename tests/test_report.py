@@ -259,7 +259,7 @@ def test_skipped_runs_and_plots_are_reported_with_reasons(runs, report):
     assert reasons["align_synthetic_fc.png"] == "1 of 2 rows logged no align/<layer>/cos (bp)"
     md = (out / "results.md").read_text()
     assert "## Skipped" in md and "fdfa-diverged" in md and "no summary.json" in md
-    assert "### not completed (1)" in md and "### plot missing some rows (3)" in md
+    assert "### not completed (1)" in md and "### plot missing some rows (4)" in md
 
 
 def test_cli_prints_what_it_skipped_in_one_line(runs, tmp_path, capsys):
@@ -267,7 +267,7 @@ def test_cli_prints_what_it_skipped_in_one_line(runs, tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("2 runs in 1 rows")
     assert printed[1:] == [
-        "skipped 4 items: 1 no records, 3 plot not drawn (each with why: end of results.md)"
+        "skipped 5 items: 1 no records, 4 plot not drawn (each with why: end of results.md)"
     ]
     md = (tmp_path / "results.md").read_text()
     assert "no-metrics: no metrics.jsonl" in md
@@ -413,7 +413,7 @@ def test_mixed_folder_cli_output_is_short(mixed, tmp_path, capsys):
     assert main([str(mixed / "outputs"), str(mixed / "multirun"), "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 and all(len(line) < 300 for line in printed)
-    assert printed[1].startswith("skipped 6 items: ")
+    assert printed[1].startswith("skipped 7 items: ")
     assert "1 rerun of the same seed" in printed[1] and "1 benchmark run" in printed[1]
 
 

@@ -95,6 +95,18 @@ def group_mse(samples, truth, m):
     return (groups - truth).flatten(1).square().sum(1).mean().item()
 
 
+def assert_mean_within_its_noise(mean, singles, target, label):
+    """The mean of K unbiased estimates is off by |e|^2 ~ MSE_1 / K in expectation, and
+    1 - cos(mean, target) <= |e|^2 / (2 |target|^2) for a small e; the sum of |e|^2 over many
+    coordinates rarely exceeds 3x its expectation, so 1 - cos <= 1.5 MSE_1 / (K |target|^2). A
+    bias b adds |b|^2 that does not shrink with K."""
+    k, mse_1 = len(singles), group_mse(singles, target, 1)
+    bound = 1.5 * mse_1 / (k * target.square().sum().item())
+    assert 1 - cos(mean, target) <= bound, (
+        f"{label}: 1 - cos {1 - cos(mean, target):.2e} > {bound:.2e}"
+    )
+
+
 def assert_one_over_sqrt_law(singles, target, label):
     """Unbiased => M * MSE_M = tr(Cov) = MSE_1 for every group size M (the 1/sqrt(M) law).
 
@@ -229,7 +241,7 @@ def test_fdfa_jacobian_estimate_is_unbiased(net):
     for i, (b, target, u) in enumerate(zip(rule.feedback, targets, us)):
         singles = torch.einsum("knc,knd->kcd", t, u.flatten(2)) / len(x)  # one Ĵ per direction
         torch.testing.assert_close(b.flatten(1), singles.mean(0), rtol=1e-4, atol=1e-6)
-        assert cos(b, target) >= 0.99, f"block {i}"
+        assert_mean_within_its_noise(b.flatten(1), singles, target, f"block {i}")
         assert_one_over_sqrt_law(singles, target, f"block {i}")
     torch.testing.assert_close(targets[-1], model.head.weight.detach())  # J_L is W_out
 
