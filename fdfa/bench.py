@@ -228,8 +228,9 @@ def bench_epochs(rules, root, device, epochs=1, overrides=(), kinds=("gaussian",
         cfg = _compose([f"algorithm={name}", f"dataset.root={root}", f"trainer.epochs={epochs}",
                         f"trainer.device={device.type}", "logger=none", "trainer.progress=false",
                         "trainer.resume=never", *_kind_override(kind), *overrides])  # fmt: skip
-        # bench/, not outputs/: reports of outputs/ never see these runs
-        out = Path("bench") / (name if kind is None else f"{name}-{kind}")
+        # bench/, not outputs/: reports of outputs/ never see these runs; one folder per kind
+        several = kind is not None and len(kinds) > 1
+        out = Path("bench") / (f"{name}-{kind}" if several else name)
         summary = train(cfg, out)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rows.append({
