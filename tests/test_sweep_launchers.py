@@ -171,7 +171,7 @@ def test_sigterm_hands_the_running_trial_back_at_once(tmp_path):
     assert worker.returncode == 143, out
     assert time.time() - t0 < 60
     # one line says so (the job's own "interrupted" line may follow it)
-    assert any("trial 0 handed back" in line for line in out.splitlines()[-2:])
+    assert any("trial 0 handed back" in line for line in out.splitlines()[-2:]), out[-1500:]
     stopped, redo = load(tmp_path / "sweep").trials
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["abandoned"]
     assert "SIGTERM" in stopped.user_attrs["fail_reason"]

@@ -319,14 +319,19 @@ class OptunaSweep:
             job_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir)
         except Exception as err:  # the job could not start
             status, result = JobStatus.FAILED, err
+        except (
+            KeyboardInterrupt
+        ) as err:  # the trainer stopped on a signal (fdfa.errors.Interrupted)
+            status, result = JobStatus.FAILED, err
         finally:
             job_side.end_trial()
         if status == JobStatus.FAILED and (
             self.signals.received
+            or isinstance(result, KeyboardInterrupt)
             or isinstance(find_fdfa_error(result), Preempted)
             or job_status(job_dir) == "interrupted"  # the trainer handled the signal itself
         ):
-            why = self.signals.received or "interrupted"
+            why = self.signals.received or getattr(result, "signal_name", None) or "interrupted"
             hand_back(study, self.storage, trial, f"its worker was stopped ({why})")
             raise Preempted(f"stopped by {why}: trial {trial.number} handed back (queued again)")
         if status == JobStatus.COMPLETED:
