@@ -123,7 +123,7 @@ def test_wandb_runs_of_a_study_are_trials_and_one_study_run_sums_it_up(study):
     report = runs[f"study-{STUDY}"]
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert report.job_type == "study" and report.exit_code == 0
-    assert report.summary["best/test/acc"] == best.value
+    assert report.summary["best/val/acc"] == best.value  # the objective: val/acc
     assert report.summary["best/trial"] == best.number
     assert report.summary["best/params/optimizer.lr"] == best.params["optimizer.lr"]
     files = next(p.parent for p in find_run_files(study / "wandb")) / "files"
