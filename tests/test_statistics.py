@@ -97,15 +97,15 @@ def group_mse(samples, truth, m):
 
 
 def assert_mean_within_its_noise(mean, singles, target, label):
-    """The mean of K unbiased estimates is off by |e|^2 ~ MSE_1 / K in expectation, and
-    1 - cos(mean, target) <= |e|^2 / (2 |target|^2) for a small e; the sum of |e|^2 over many
-    coordinates rarely exceeds 3x its expectation, so 1 - cos <= 1.5 MSE_1 / (K |target|^2). A
-    bias b adds |b|^2 that does not shrink with K."""
-    k, mse_1 = len(singles), group_mse(singles, target, 1)
-    bound = 1.5 * mse_1 / (k * target.square().sum().item())
-    assert 1 - cos(mean, target) <= bound, (
-        f"{label}: 1 - cos {1 - cos(mean, target):.2e} > {bound:.2e}"
-    )
+    """The mean of K unbiased estimates is off by |e|^2 = MSE_1 / K in expectation, i.e. a
+    relative squared error e^2 = MSE_1 / (K |target|^2); the sum over many coordinates rarely
+    exceeds 3x its expectation. A bias b adds |b|^2 that does not shrink with K (a rescaled
+    estimate fails the first bound, which the cosine alone would not see). The cosine then
+    satisfies cos >= 1 / sqrt(1 + 2 e^2) with room for chance."""
+    e2 = group_mse(singles, target, 1) / (len(singles) * target.square().sum().item())
+    error = ((mean - target).square().sum() / target.square().sum()).item()
+    assert error < 3 * e2, f"{label}: relative squared error {error:.3g}, e^2 = {e2:.3g}"
+    assert cos(mean, target) >= (1 + 2 * e2) ** -0.5, f"{label}: e^2 = {e2:.3g}"
 
 
 def assert_one_over_sqrt_law(singles, target, label):
@@ -224,7 +224,15 @@ def test_fg_a_per_sample_under_batchnorm_misses_the_cross_sample_paths():
 @pytest.mark.parametrize("net", ["fc", "cnn"])
 def test_fdfa_jacobian_estimate_is_unbiased(net):
     """Ĵ_l = t^T u_l / batch against mean_n d logits[n] / d h_l[n] from jacrev. One FDFA step with
-    feedback_update=ema, momentum=0 and n_directions=K sets B_l to the mean of K estimates."""
+    feedback_update=ema, momentum=0 and n_directions=K sets B_l to the mean of K estimates.
+
+    Unbiased => the mean's relative squared error is e^2 = MSE_1 / (K |J|^2), so cos(mean, J) is
+    about 1 / sqrt(1 + e^2): 0.98 for the CNN's first block (e = 0.2: 200 units, three quarters
+    of them behind the pool's non-arg-max positions, where J is 0 and only noise is left;
+    measured cos 0.9798 against 0.9809 predicted). Asserted: cos >= 1 / sqrt(1 + 2 e^2); the
+    relative squared error itself < 3 e^2 (its expectation is e^2; a chi-square over >= 12
+    coordinates exceeds 3x its mean with probability < 0.1%; measured 0.7-1.6 e^2), which a bias,
+    even a pure rescaling that leaves the cosine alone, breaks; and the 1/sqrt(M) law."""
     if net == "fc":
         model, (x, _) = tiny_net(4), make_batch(4)
     else:
