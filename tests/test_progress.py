@@ -35,5 +35,5 @@ def test_epoch_line_has_epoch_time_time_since_start_and_eta(tmp_path, caplog):
     ]
     epoch_times = [float(t) for _, _, t, _, _ in lines]
     since_start = [float(t) for _, _, _, t, _ in lines]
-    assert all(t > 0 for t in epoch_times)
+    assert all(t >= 0 for t in epoch_times)  # an idle machine runs these epochs in < 0.05 s
     assert since_start[-1] == pytest.approx(sum(epoch_times), abs=0.15)  # 0.1 s rounding
