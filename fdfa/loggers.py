@@ -66,6 +66,7 @@ WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wh
 EPOCH_METRICS = ("train/*", "test/*", "val/*", "lr", "time_s")  # evaluations: plotted by epoch
 STEP_METRICS = ("align/*", "feedback/*", "estimator/*")  # alignment: by optimizer step
 ENDED = ("completed", "pruned", "diverged")  # statuses of a run that ended as training meant to
+_ONLINE_FAILED: str | None = None  # why W&B online failed in this process, once it did
 
 
 def _one_line(err: BaseException) -> str:
@@ -115,8 +116,12 @@ class WandbLogger:
     and the earlier sessions of that id are renamed ``superseded-offline-run-*``: ``wandb sync``
     then finds one session of the run, without repeated steps.
 
-    If W&B cannot start (not installed, no network, a bad key: any error in ``wandb.init``), one
-    warning line is logged and this logger does nothing; training goes on with the local logs.
+    Online, ``wandb.init`` may wait ``init_timeout`` seconds for the server (wandb's own default
+    is 90). If it fails (no network, a bad key, the server down), the run is logged offline instead
+    (``wandb sync`` uploads it later) and one warning says so; the later runs of the same process
+    (a sweep worker's trials) go offline at once, without waiting again. If W&B cannot start at all
+    (not installed, offline init failing too), one warning line is logged and this logger does
+    nothing; training goes on with the local logs.
     """
 
     ID_FILE = "wandb_id"  # in the run dir: the W&B run id, continued when training resumes
@@ -135,12 +140,18 @@ class WandbLogger:
         tags=(),
         mode: str = "offline",
         dir: str | None = None,  # wandb.init calls it dir too
+        init_timeout: float = 30.0,
         **_,
     ):
         if mode not in WANDB_MODES:
             raise FdfaError(
                 f"logger.wandb.mode must be one of {', '.join(WANDB_MODES[:4])}, got {mode!r} "
                 "(it defaults to $WANDB_MODE, else offline)"
+            )
+        if not (isinstance(init_timeout, int | float) and 0 < init_timeout < float("inf")):
+            raise FdfaError(
+                f"logger.wandb.init_timeout must be a positive number of seconds, got "
+                f"{init_timeout!r}; e.g. logger.wandb.init_timeout=30"
             )
         self.run = None
         self._first_new_step = 0  # records before this step are in the W&B run already
@@ -161,7 +172,7 @@ class WandbLogger:
             wandb_dir.mkdir(parents=True, exist_ok=True)
             if run_id and mode in ("offline", "dryrun"):
                 supersede_offline_sessions(wandb_dir / "wandb", run_id)
-            self.run = wandb.init(
+            init = dict(
                 project=project,
                 entity=entity,
                 group=group or multirun_group(),
@@ -170,10 +181,14 @@ class WandbLogger:
                 id=run_id,
                 resume="allow" if run_id else None,
                 tags=list(dict.fromkeys(tags)),  # without repeats, in order
-                mode=mode,
                 dir=str(wandb_dir),
                 config=run_config,
                 reinit="create_new",  # never hand back (or end) another job's run
+            )
+            self.run = (
+                self._init_online(wandb, init, init_timeout, wandb_dir)
+                if mode in ("online", "run", "shared")
+                else wandb.init(mode=mode, **init)
             )
         except Exception as err:  # wandb raises many types; none may stop training
             log.warning("W&B logging is off for this run (%s); local logs go on", _one_line(err))
@@ -190,6 +205,26 @@ class WandbLogger:
         except Exception as err:
             log.warning("W&B logging is off for this run (%s); local logs go on", _one_line(err))
             self._end(exit_code=1)
+
+    @staticmethod
+    def _init_online(wandb, init: dict, timeout: float, wandb_dir: Path):
+        """``wandb.init`` online within ``timeout`` s; offline when the server cannot be reached,
+        and for the rest of this process once it could not (one warning says so)."""
+        global _ONLINE_FAILED
+        if _ONLINE_FAILED is not None:
+            return wandb.init(mode="offline", **init)
+        try:
+            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout), **init)
+        except Exception as err:
+            reason = _one_line(err)
+        run = wandb.init(mode="offline", **init)  # if this fails too: W&B is off for this run
+        _ONLINE_FAILED = reason
+        log.warning(
+            "W&B online did not start within logger.wandb.init_timeout=%g s (%s); this run and "
+            "the later ones of this process log offline to %s (wandb sync uploads them later)",
+            timeout, reason, wandb_dir / "wandb",
+        )  # fmt: skip
+        return run
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         if self.run is None or step < self._first_new_step:

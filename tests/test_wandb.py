@@ -30,6 +30,9 @@ def offline_wandb(tmp_path, monkeypatch):
     for var in ("WANDB_DIR", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("FDFA_WANDB_GROUP", raising=False)
+    monkeypatch.setattr(
+        "fdfa.loggers._ONLINE_FAILED", None
+    )  # no earlier test's failed online start
 
 
 def the_run(root, timeout_s=10.0):
@@ -260,3 +263,41 @@ def test_an_online_resume_sends_only_what_the_wandb_run_lacks(tmp_path, monkeypa
     logger.finish({"status": "completed"})
     run = the_run(tmp_path)
     assert run.run_id == "resumeme1" and [h["_step"] for h in run.history] == [12]
+
+
+@pytest.mark.slow
+def test_online_without_a_server_waits_init_timeout_once_then_logs_offline(
+    tmp_path, monkeypatch, caplog
+):
+    """W&B online with a key but no reachable server (here: a port that accepts connections and
+    never answers, as a network that drops packets) waits ``init_timeout`` once, says so in one
+    warning, and logs the run offline; the next run of the process goes offline at once."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)  # connections complete, nothing ever answers
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    timeout = 4
+    try:
+        with caplog.at_level(logging.WARNING, logger="fdfa.loggers"):
+            took = []
+            for sub in ("first", "second"):
+                start = time.monotonic()
+                logger = WandbLogger(
+                    out_dir=str(tmp_path / sub), names=NAMES, mode="online", init_timeout=timeout
+                )
+                took.append(time.monotonic() - start)
+                logger.log_metrics({"step": 1, "train/loss": 2.0}, step=1)
+                logger.finish({"status": "completed"})
+    finally:
+        server.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "init_timeout=4 s" in warnings[0], warnings
+    assert "log offline" in warnings[0]
+    # wandb's service start-up (a few s) plus the timeout; its default would be 90 s
+    assert timeout <= took[0] < timeout + 30 and took[1] < timeout, took
+    for sub in ("first", "second"):
+        run = the_run(tmp_path / sub)
+        assert run.exit_code == 0 and [h["train/loss"] for h in run.history] == [2.0]
