@@ -41,7 +41,7 @@ class LearningRule(nn.Module):
     """Base class: holds the model as ``self.model``."""
 
     # True for rules whose update comes from forward-mode directional derivatives (FDFA, FG-W,
-    # FG-A): the metrics code reports how far their estimates are from the true gradient.
+    # FG-A); with ``jacobian_estimates`` (FDFA) the metrics add estimator/<l>/jacobian_rel_mse.
     forward_mode: bool = False
 
     def __init__(self, model: nn.Module):
