@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from omegaconf import OmegaConf
 
 from fdfa.allocator import keep_freed_memory
 from fdfa.cuda_graph import GraphedSteps
-from fdfa.errors import find_fdfa_error
+from fdfa.errors import user_errors
 from fdfa.rules.base import rule_optimizers
 from fdfa.rules.perturbation import KINDS
 from fdfa.train import train
@@ -340,11 +339,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors(also=(HydraException,)):  # missing data, a bad --epoch-overrides: one line
         main()
-    except Exception as err:  # bad input (missing data, a bad --epoch-overrides): one line
-        user_error = find_fdfa_error(err)
-        if user_error is None and not isinstance(err, HydraException):
-            raise
-        print(f"error: {' '.join(str(user_error or err).split())}", file=sys.stderr)
-        sys.exit(2)

@@ -30,6 +30,7 @@ from functools import cache
 
 import torch
 
+from fdfa.errors import one_line
 from fdfa.rules.base import rule_optimizers
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,9 @@ class GraphedSteps:
             except Exception as err:  # noqa: BLE001 (whatever failed: go on eagerly)
                 self.enabled, self.graph = False, None
                 torch.cuda.synchronize()
-                reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 log.warning("trainer.cuda_graph: the training step could not be captured (%s); "
                             "training goes on without CUDA graphs (trainer.cuda_graph=false "
-                            "skips the attempt)", reason)  # fmt: skip
+                            "skips the attempt)", one_line(err, None, typed=True))  # fmt: skip
                 return None
             self.lrs = lrs
         self.x.copy_(x)

@@ -18,7 +18,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from fdfa.errors import FdfaError
+from fdfa.errors import FdfaError, one_line
 from fdfa.sweep import job_kind
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ ENDED = ("completed", "pruned", "diverged")  # statuses of a run that ended as t
 
 
 def _one_line(err: BaseException) -> str:
-    text = (str(err).strip().splitlines() or [""])[0][:200]
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return one_line(err, typed=True)  # 'OSError: ...': W&B raises many types
 
 
 def run_name(names: dict | None, run_config: dict, kind: str = "train") -> str:
