@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fdfa.errors import FdfaError
 from fdfa.rules.base import perturbed_forward
+from fdfa.validate import check_options
 
 TINY = 1e-300  # guards divisions by a zero norm (float64)
 WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -165,10 +165,6 @@ def rel_mse(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (estimate - truth).square().sum() / truth.square().sum().clamp_min(TINY)
 
 
-def _is_int_at_least(value, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 class AlignmentMetrics:
     """Alignment, feedback and estimator metrics every ``every_n_steps`` steps (None: never)."""
 
@@ -178,21 +174,12 @@ class AlignmentMetrics:
         jacobian_metrics: bool = True,
         jacobian_chunk_mb: float = 32,
     ):
-        if every_n_steps is not None and not _is_int_at_least(every_n_steps, 1):
-            raise FdfaError(
-                f"metrics.every_n_steps must be an integer >= 1, or null to turn the metrics off; "
-                f"got {every_n_steps!r}"
-            )
-        if not isinstance(jacobian_metrics, bool):
-            raise FdfaError(
-                f"metrics.jacobian_metrics must be true or false, got {jacobian_metrics!r}"
-            )
-        if isinstance(jacobian_chunk_mb, bool) or not (
-            isinstance(jacobian_chunk_mb, (int, float)) and jacobian_chunk_mb > 0
-        ):
-            raise FdfaError(
-                f"metrics.jacobian_chunk_mb must be a number > 0, got {jacobian_chunk_mb!r}"
-            )
+        check_options(
+            "metrics",
+            every_n_steps=every_n_steps,
+            jacobian_metrics=jacobian_metrics,
+            jacobian_chunk_mb=jacobian_chunk_mb,
+        )
         self.every_n_steps = every_n_steps
         self.jacobian_metrics = jacobian_metrics
         self.jacobian_chunk_mb = float(jacobian_chunk_mb)
