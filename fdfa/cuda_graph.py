@@ -1,7 +1,7 @@
 """The training step replayed as one CUDA graph (``trainer.cuda_graph=true``, the default on a GPU).
 
-A step of a small network on a GPU is bound by the CPU: each of its ~100 ops costs a kernel launch
-(~10 us of Python and driver work) while the kernels themselves take a few microseconds. A CUDA
+A step of a small network on a GPU is bound by the CPU: each of its many ops costs a kernel launch
+(Python and driver work) that takes longer than the small kernel it launches. A CUDA
 graph records the step's kernels once (``rule.train_step`` + ``optimizer.step``, the rule's own
 feedback update included) and replays them with a single launch: the same kernels on the same
 tensors, so the same math, at a fraction of the CPU cost.

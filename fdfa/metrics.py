@@ -25,11 +25,11 @@ Hidden block l is named by position and by its first Conv/Linear layer: ``fc1``,
 A cosine with a zero vector is reported as 0 (angle 90).
 
 Cost of one measurement: a forward and a backward pass, plus, for the J_l behind ``feedback/*`` and
-``estimator/*/jacobian_rel_mse``, one reverse pass per (sample, class) pair (batched). On 2 CPU
-cores that is about 15-120 training steps for fc and cnn models (so ``every_n_steps=1000`` costs
-<= 15%), but it grows with batch x classes x model size: for AlexNet on CIFAR-100 set
-``jacobian_metrics=false`` (alignment and ``grad_rel_mse`` only, about 2 steps) or a much larger
-``every_n_steps``.
+``estimator/*/jacobian_rel_mse``, one reverse pass per (sample, class) pair (batched): many
+training steps' worth, spread thin by ``every_n_steps`` (``python -m fdfa.bench
+--metrics-overhead`` measures the share), and growing with batch x classes x model size: for
+AlexNet on CIFAR-100 set ``jacobian_metrics=false`` (alignment and ``grad_rel_mse`` only, about a
+forward and a backward pass) or a much larger ``every_n_steps``.
 """
 
 from __future__ import annotations
