@@ -62,9 +62,12 @@ class GraphedSteps:
             except Exception as err:  # noqa: BLE001 (whatever failed: go on eagerly)
                 self.enabled, self.graph = False, None
                 torch.cuda.synchronize()
-                log.warning("trainer.cuda_graph: the training step could not be captured (%s); "
-                            "training goes on without CUDA graphs (trainer.cuda_graph=false "
-                            "skips the attempt)", one_line(err, None, typed=True))  # fmt: skip
+                log.warning(
+                    "trainer.cuda_graph: the training step could not be captured (%s); "
+                    "training goes on without CUDA graphs (trainer.cuda_graph=false "
+                    "skips the attempt)",
+                    one_line(err, None, typed=True),
+                )
                 return None
             self.lrs = lrs
         self.x.copy_(x)

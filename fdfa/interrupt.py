@@ -60,10 +60,12 @@ class StopSignals(SignalHandler):
             return
         if self._deferring:
             raise Interrupted(
-                signum, f"interrupted by {name} a second time: stopped at once; the last "
+                signum,
+                f"interrupted by {name} a second time: stopped at once; the last "
                 "checkpoint written is intact, rerun the same command to resume from it",
-            )  # fmt: skip
+            )
         raise Interrupted(
-            signum, f"interrupted by {name} before training started; rerun the same command "
+            signum,
+            f"interrupted by {name} before training started; rerun the same command "
             "to start (or resume) the run",
-        )  # fmt: skip
+        )

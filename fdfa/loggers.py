@@ -32,9 +32,16 @@ class CSVLogger:
     the layout does not depend on which kind of record came first."""
 
     FIRST_COLUMNS = (
-        "step", "epoch", "train/loss", "val/loss", "val/acc", "test/loss", "test/acc", "lr",
+        "step",
+        "epoch",
+        "train/loss",
+        "val/loss",
+        "val/acc",
+        "test/loss",
+        "test/acc",
+        "lr",
         "time_s",
-    )  # fmt: skip
+    )
 
     def __init__(self, out_dir: str, filename: str = "metrics.csv", **_):
         self.path = Path(out_dir) / filename

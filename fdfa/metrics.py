@@ -210,8 +210,10 @@ class AlignmentMetrics:
     def _measure(self, rule, model, x, y) -> dict[str, torch.Tensor]:
         names = block_names(model)
         weights = [block_weights(block) for block in model.blocks]
-        updates = [flat(p.grad if p.grad is not None else torch.zeros_like(p) for p in ws)
-                   for ws in weights]  # fmt: skip
+        updates = [
+            flat(p.grad if p.grad is not None else torch.zeros_like(p) for p in ws)
+            for ws in weights
+        ]
         feedback = getattr(rule, "feedback", None)
         has_feedback = feedback is not None and len(feedback) == len(model.blocks)
         forward_mode = bool(getattr(rule, "forward_mode", False))

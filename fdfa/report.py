@@ -411,8 +411,9 @@ def load_run(path: Path) -> RunData:
     if run.seed is not None and not _integer(run.seed):
         raise Unusable(f"seed must be an integer, got {run.seed!r}")
     if not run.evaluations():
-        raise Unusable("metrics.jsonl has no evaluation record (one with epoch and test/acc)",
-                       "no records")  # fmt: skip
+        raise Unusable(
+            "metrics.jsonl has no evaluation record (one with epoch and test/acc)", "no records"
+        )
     try:  # every number the table reads: a run that breaks one is skipped, not the report
         run.selection(), run.final_acc(), run.epoch_seconds(), run.final_alignment()
     except (TypeError, ValueError, KeyError, StopIteration) as err:
@@ -628,8 +629,9 @@ def _plot_band(ax, curves, label, scale: float = 1.0) -> None:
     x, mean, std = _mean_band(curves)
     (line,) = ax.plot(x, mean * scale, label=label, marker="." if len(x) < 30 else None)
     if len(curves) > 1:
-        ax.fill_between(x, (mean - std) * scale, (mean + std) * scale, alpha=0.2, lw=0,
-                        color=line.get_color())  # fmt: skip
+        ax.fill_between(
+            x, (mean - std) * scale, (mean + std) * scale, alpha=0.2, lw=0, color=line.get_color()
+        )
 
 
 LEGEND_WRAP = 70  # characters per legend line; longer labels wrap
@@ -830,8 +832,10 @@ def main(argv=None) -> int:
     if errors.exit_code:
         return errors.exit_code
     n_runs = sum(len(row.runs) for row in report.rows)
-    print(f"{n_runs} runs in {len(report.rows)} rows -> {Path(args.out) / 'results.md'}, "
-          f"results.csv and {len(report.plots)} PNG plots")  # fmt: skip
+    print(
+        f"{n_runs} runs in {len(report.rows)} rows -> {Path(args.out) / 'results.md'}, "
+        f"results.csv and {len(report.plots)} PNG plots"
+    )
     if report.skipped:
         print(f"skipped {skip_summary(report.skipped)} (each with why: end of results.md)")
     return 0

@@ -138,9 +138,11 @@ class Run:
         # alignment metrics on the side of training (conf/metrics/); none without a metrics group
         self.metrics = instantiate(cfg.metrics) if cfg.get("metrics") else None
         self.graphed = GraphedSteps(
-            self.rule, self.optimizer, batch_size=self.data.batch_size,
+            self.rule,
+            self.optimizer,
+            batch_size=self.data.batch_size,
             enabled=self.device.type == "cuda" and bool(cfg.trainer.get("cuda_graph", True)),
-        )  # fmt: skip
+        )
         self.names = {
             "algorithm": type(self.rule).__name__.lower(),
             "model": type(self.model).__name__.lower(),
@@ -325,8 +327,11 @@ class Run:
         p, data = self.progress, self.data
         log.info(
             "%s | %s | %s: %d train samples, %d steps/epoch, device %s",
-            *self.names.values(), len(data.train_y), data.steps_per_epoch, self.device,
-        )  # fmt: skip
+            *self.names.values(),
+            len(data.train_y),
+            data.steps_per_epoch,
+            self.device,
+        )
         while not self.done():
             if p.perm is None:  # a new epoch
                 p.epoch += 1
@@ -348,9 +353,10 @@ class Run:
         name = signal.Signals(signum).name
         log.warning("%s: stopped at epoch %d, step %d; last.ckpt written", name, p.epoch, p.step)
         raise Interrupted(
-            signum, f"interrupted by {name} at epoch {p.epoch}, step {p.step}: last.ckpt saved in "
+            signum,
+            f"interrupted by {name} at epoch {p.epoch}, step {p.step}: last.ckpt saved in "
             f"{self.files.dir}; rerun the same command to resume",
-        )  # fmt: skip
+        )
 
     # Checking a loss for NaN/inf reads it back from the device. On the CPU that is free, so every
     # step is checked; on a GPU it would stall the queue of kernels each step, so the losses stay
@@ -371,10 +377,13 @@ class Run:
         self.model.train()
         t0 = time.perf_counter()
         batches = tqdm(
-            self.data.train_batches(p.perm, start=p.batch), desc=f"epoch {p.epoch}/{cfg.epochs}",
-            total=self.data.steps_per_epoch, initial=p.batch, leave=False,
+            self.data.train_batches(p.perm, start=p.batch),
+            desc=f"epoch {p.epoch}/{cfg.epochs}",
+            total=self.data.steps_per_epoch,
+            initial=p.batch,
+            leave=False,
             disable=None if cfg.progress else True,
-        )  # fmt: skip
+        )
         for x, y in batches:
             measure = self.metrics is not None and self.metrics.due(p.step + 1)
             loss = None if measure else self.graphed.replay(x, y)  # the whole step, or None
@@ -448,8 +457,13 @@ class Run:
         val = f" | val/acc {record['val/acc']:.4f}" if "val/acc" in record else ""
         log.info(
             "epoch %d step %d | train/loss %.4f%s | test/acc %.4f | %s",
-            p.epoch, p.step, record["train/loss"], val, record["test/acc"], self._timing(),
-        )  # fmt: skip
+            p.epoch,
+            p.step,
+            record["train/loss"],
+            val,
+            record["test/acc"],
+            self._timing(),
+        )
         for callback in self.callbacks:
             callback.on_evaluation(self, record)
 

@@ -152,8 +152,10 @@ GROUP_OVERRIDE = re.compile(r"^(\w+)=(.*)$")
 
 def preflight(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Command-line checks before Hydra runs: group options exist, the run dir is writable."""
-    if any(a.startswith(("hydra.searchpath", "--config-dir", "-cd", "--info", "--help", "-h"))
-           for a in argv):  # fmt: skip
+    if any(
+        a.startswith(("hydra.searchpath", "--config-dir", "-cd", "--info", "--help", "-h"))
+        for a in argv
+    ):
         return  # the user brings their own configs or asks Hydra for help
     for arg in argv:
         m = GROUP_OVERRIDE.match(arg)
