@@ -77,15 +77,7 @@ class TensorData:
         std: float | list = 0.5,
         augment: str = "none",
     ):
-        check_options(
-            "dataset",
-            batch_size=batch_size,
-            test_batch_size=test_batch_size,
-            val_size=val_size,
-            split_seed=split_seed,
-            subset=subset,
-            augment=augment,
-        )
+        check_options("dataset", locals())
         train_idx, val_idx = validation_split(len(train_y), val_size, split_seed)
         self.val_x, self.val_y = train_x[val_idx], train_y[val_idx].long()
         train_x, train_y = train_x[train_idx], train_y[train_idx]

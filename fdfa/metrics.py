@@ -174,12 +174,7 @@ class AlignmentMetrics:
         jacobian_metrics: bool = True,
         jacobian_chunk_mb: float = 32,
     ):
-        check_options(
-            "metrics",
-            every_n_steps=every_n_steps,
-            jacobian_metrics=jacobian_metrics,
-            jacobian_chunk_mb=jacobian_chunk_mb,
-        )
+        check_options("metrics", locals())
         self.every_n_steps = every_n_steps
         self.jacobian_metrics = jacobian_metrics
         self.jacobian_chunk_mb = float(jacobian_chunk_mb)

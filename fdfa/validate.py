@@ -81,8 +81,7 @@ SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 # Every check of a single value, written once: config key -> Check. validate_config applies them
 # all before anything is built; a component's constructor applies those of its own arguments
 # (check_options), so Python code gets the same one-line message. A key absent from a config is
-# not checked. A new option: its YAML line, its constructor argument (added to the constructor's
-# check_options call) and its row here.
+# not checked. A new option: its YAML line, its constructor argument and its row here.
 CHECKS = {
     "seed": Check(
         lambda v: _integer(v) and 0 <= v <= SEED_MAX, f"an integer in [0, {SEED_MAX}]", 0
@@ -132,11 +131,12 @@ def check_value(key: str, value) -> None:
         )
 
 
-def check_options(section: str, **values) -> None:
-    """A constructor's check of its arguments: ``check_options("algorithm", n_directions=k)``
-    checks ``algorithm.n_directions`` against its row of CHECKS."""
-    for name, value in values.items():
-        check_value(f"{section}.{name}", value)
+def check_options(section: str, args: dict) -> None:
+    """A constructor's check of its arguments, its first line: ``check_options("algorithm",
+    locals())`` checks each argument that has a row ``algorithm.<name>`` in CHECKS."""
+    for name, value in args.items():
+        if f"{section}.{name}" in CHECKS:
+            check_value(f"{section}.{name}", value)
 
 
 def validate_config(cfg: DictConfig) -> None:

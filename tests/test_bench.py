@@ -60,10 +60,7 @@ def test_ratios_are_always_to_bp(capsys):
 def test_bad_input_is_one_line_before_any_timing(args, message):
     res = subprocess.run(
         [sys.executable, "-m", "fdfa.bench", "--device", "cpu", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stdout == ""
     assert message in res.stderr.strip().splitlines()[-1]

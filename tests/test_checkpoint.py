@@ -157,11 +157,10 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
             compose_config(synthetic_overrides("trainer.epochs=2", "optimizer.lr=1e-3")), tmp_path
         ).setup()
     fresh = train(
-        compose_config(
-            synthetic_overrides("optimizer.lr=1e-3", "trainer.epochs=1", "trainer.resume=never")
-        ),
+        compose_config(synthetic_overrides("optimizer.lr=1e-3", "trainer.epochs=1",
+                                           "trainer.resume=never")),
         tmp_path,
-    )
+    )  # fmt: skip
     assert fresh["steps"] == 8 and len(records(tmp_path)) == 1
 
 
@@ -179,11 +178,9 @@ def test_checkpoint_holds_every_piece_of_state(tmp_path):
 @pytest.mark.slow
 def test_divergence_stops_at_once_with_a_clear_line(tmp_path):
     res = run_cli(
-        [
-            *synthetic_overrides("optimizer=sgd", "optimizer.lr=1e12", "algorithm=bp"),
-            f"hydra.run.dir={tmp_path}",
-        ]
-    )
+        [*synthetic_overrides("optimizer=sgd", "optimizer.lr=1e12", "algorithm=bp"),
+         f"hydra.run.dir={tmp_path}"]
+    )  # fmt: skip
     assert res.returncode != 0 and "Traceback" not in res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: training diverged: loss is ")

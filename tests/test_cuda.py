@@ -95,14 +95,9 @@ def test_perturbations_are_drawn_on_the_gpu():
 @pytest.mark.parametrize("algorithm", ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a"])
 def test_every_rule_learns_on_cuda(tmp_path, algorithm):
     cfg = compose_config(
-        synthetic_overrides(
-            f"algorithm={algorithm}",
-            "trainer.device=cuda",
-            "trainer.epochs=3",
-            "optimizer.lr=1e-3",
-            "metrics.every_n_steps=4",
-        )
-    )
+        synthetic_overrides(f"algorithm={algorithm}", "trainer.device=cuda", "trainer.epochs=3",
+                            "optimizer.lr=1e-3", "metrics.every_n_steps=4")
+    )  # fmt: skip
     run = Run(cfg, tmp_path).setup()
     summary = run.fit()
     assert summary["status"] == "completed" and summary["device"].startswith("cuda")
@@ -133,14 +128,10 @@ def test_cuda_graph_replays_the_same_steps_as_eager(tmp_path, algorithm):
     runs = {}
     for graph in (True, False):
         cfg = compose_config(
-            synthetic_overrides(
-                f"algorithm={algorithm}",
-                "trainer.device=cuda",
-                "trainer.epochs=3",
-                "dataset.train_size=324",
-                f"trainer.cuda_graph={str(graph).lower()}",
-            )
-        )
+            synthetic_overrides(f"algorithm={algorithm}", "trainer.device=cuda",
+                                "trainer.epochs=3", "dataset.train_size=324",
+                                f"trainer.cuda_graph={str(graph).lower()}")
+        )  # fmt: skip
         run = Run(cfg, tmp_path / str(graph)).setup()
         run.fit()
         runs[graph] = run

@@ -42,12 +42,8 @@ def cli(args: list[str], home: Path) -> None:
         env[var] = str(home)
     res = subprocess.run(
         [sys.executable, str(REPO / "run.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
@@ -277,9 +273,7 @@ def test_a_browser_renders_both_dashboards(tensorboard, optuna_dashboard, tmp_pa
 
     out = Path(os.environ.get("FDFA_SCREENSHOT_DIR") or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
-    screenshot(
-        f"{tensorboard}/#scalars&tagFilter=test%2Facc%7Cmean_cos&_smoothingWeight=0",
-        out / "tensorboard_scalars.png",
-    )
+    screenshot(f"{tensorboard}/#scalars&tagFilter=test%2Facc%7Cmean_cos&_smoothingWeight=0",
+               out / "tensorboard_scalars.png")  # fmt: skip
     screenshot(f"{tensorboard}/#hparams", out / "tensorboard_hparams.png", "1400,600")
     screenshot(f"{optuna_dashboard}/dashboard/studies/1/analytics", out / "optuna_dashboard.png")

@@ -216,10 +216,8 @@ def test_table_numbers_match_the_runs_files(runs, report):
     assert float(table["fdfa"]["diff_to_bp_ci95"]) == pytest.approx(half, rel=1e-7, abs=1e-12)
     assert "test acc at best-val epoch (%), mean ± 95% CI" in md
     # align cos: the last align/mean_cos of each run, mean over seeds; bp logged none
-    last = [
-        [r for r in records(runs / "sweep" / f"fdfa-{s}") if "align/mean_cos" in r][-1]
-        for s in (0, 1)
-    ]
+    last = [[r for r in records(runs / "sweep" / f"fdfa-{s}") if "align/mean_cos" in r][-1]
+            for s in (0, 1)]  # fmt: skip
     expected = statistics.fmean(r["align/mean_cos"] for r in last)
     assert float(table["fdfa"]["align_mean_cos"]) == pytest.approx(expected, rel=1e-12)
     assert table["bp"]["align_mean_cos"] == ""

@@ -58,12 +58,8 @@ def popen(args, cwd=REPO):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
     return subprocess.Popen(
         [sys.executable, str(REPO / "run.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
 
 
 # ---- 1. one run per run dir; 3. SIGTERM ------------------------------------------------------
@@ -284,21 +280,10 @@ def test_disk_full_on_a_real_tmpfs_is_one_line_and_loses_nothing(tmp_path):
     args = synthetic_overrides("model.width=64")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
     subprocess.run(
-        [
-            "unshare",
-            "-rm",
-            sys.executable,
-            str(tmp_path / "driver.py"),
-            str(tmp_path / "mnt"),
-            str(tmp_path / "out.json"),
-            str(REPO / "run.py"),
-            *args,
-        ],
-        check=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-    )
+        ["unshare", "-rm", sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "mnt"),
+         str(tmp_path / "out.json"), str(REPO / "run.py"), *args],
+        check=True, env=env, cwd=REPO, timeout=600,
+    )  # fmt: skip
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["first"][0] == 0, out["first"][1]
     assert out["second"][0] == 2

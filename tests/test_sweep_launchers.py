@@ -259,12 +259,8 @@ def test_grid_through_submitit_local_one_gpu_per_job(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "0,1"}
     res = subprocess.run(
         [sys.executable, str(REPO / "run.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     jobs = sorted(int(p.name) for p in tmp_path.glob("[0-9]*"))
     assert jobs == [0, 1, 2, 3]
@@ -293,7 +289,7 @@ def test_slurm_array_script_tasks_share_one_journal_study(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )
+        )  # fmt: skip
         for i in range(2)
     ]
     outputs = [finish(t, 300) for t in tasks]

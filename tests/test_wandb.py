@@ -224,12 +224,8 @@ def test_a_killed_and_resumed_run_is_one_wandb_run_without_repeated_steps(tmp_pa
     env["PYTHONPATH"] = str(REPO)  # as a job started by itself (not this process's service)
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_JOB, str(out), *synthetic_overrides(*overrides)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_id = (out / "wandb_id").read_text().strip()
     assert [p.name.split("-")[-1] for p in find_run_files(out)] == [f"{run_id}.wandb"]
@@ -245,11 +241,8 @@ def test_a_killed_and_resumed_run_is_one_wandb_run_without_repeated_steps(tmp_pa
     assert len(list((out / "wandb").glob(f"superseded-offline-run-*-{run_id}"))) == 1
     dry = subprocess.run(
         [sys.executable, "-m", "wandb", "sync", "--dry-run", str(out / "wandb")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     would_sync = [line for line in (dry.stdout + dry.stderr).splitlines() if ".wandb" in line]
     assert len(would_sync) == 1 and run_id in would_sync[0], dry.stdout + dry.stderr
 

@@ -85,7 +85,7 @@ class DirectFeedbackRule(LearningRule):
 
     def __init__(self, model: nn.Module, init: str = "zeros"):
         super().__init__(model)
-        check_options("algorithm", feedback_init=init)
+        check_options("algorithm", {"feedback_init": init})
         params = []
         ref = next(model.parameters())  # feedback lives on the model's device, in its dtype
         for shape in hidden_shapes(model):

@@ -9,7 +9,7 @@ from fdfa.validate import check_options
 
 class DKP(DirectFeedbackRule):
     def __init__(self, model, feedback_lr: float = 1e-4, feedback_decay: float = 0.0):
-        check_options("algorithm", feedback_lr=feedback_lr, feedback_decay=feedback_decay)
+        check_options("algorithm", locals())
         super().__init__(model, init="zeros")
         self.feedback_optimizer = FeedbackAdam(
             self.feedback.parameters(), lr=feedback_lr, weight_decay=feedback_decay

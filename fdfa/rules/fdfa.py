@@ -43,15 +43,7 @@ class FDFA(DirectFeedbackRule):
         n_directions: int = 1,
         perturbation: str = "gaussian",
     ):
-        check_options(
-            "algorithm",
-            feedback_update=feedback_update,
-            momentum=momentum,
-            feedback_lr=feedback_lr,
-            feedback_decay=feedback_decay,
-            n_directions=n_directions,
-            perturbation=perturbation,
-        )
+        check_options("algorithm", locals())
         super().__init__(model, init=feedback_init)
         self.feedback_update = feedback_update
         self.momentum = float(momentum)

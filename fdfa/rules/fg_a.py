@@ -43,9 +43,7 @@ class FGA(LearningRule):
     def __init__(
         self, model, n_directions: int = 1, per_sample: bool = True, perturbation: str = "gaussian"
     ):
-        check_options(
-            "algorithm", n_directions=n_directions, per_sample=per_sample, perturbation=perturbation
-        )
+        check_options("algorithm", locals())
         super().__init__(model)
         self.n_directions = n_directions
         self.perturbation = perturbation

@@ -33,7 +33,7 @@ class FGW(LearningRule):
     forward_mode = True
 
     def __init__(self, model, n_directions: int = 1, perturbation: str = "gaussian"):
-        check_options("algorithm", n_directions=n_directions, perturbation=perturbation)
+        check_options("algorithm", locals())
         super().__init__(model)
         self.n_directions = n_directions
         self.perturbation = perturbation
