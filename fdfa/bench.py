@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from omegaconf import OmegaConf
 
 from fdfa.allocator import keep_freed_memory
 from fdfa.cuda_graph import GraphedSteps
-from fdfa.errors import find_fdfa_error
+from fdfa.errors import user_errors
 from fdfa.rules.base import rule_optimizers
 from fdfa.rules.perturbation import KINDS
 from fdfa.train import train
@@ -139,9 +138,16 @@ def peak_cuda_bytes(model_name, rule_name, device, x, y, steps, cuda_graph, extr
 
 
 def bench_steps(
-    model_name, rules, steps, warmup, device, batch=None, extra=(), cuda_graph=False,
+    model_name,
+    rules,
+    steps,
+    warmup,
+    device,
+    batch=None,
+    extra=(),
+    cuda_graph=False,
     kinds=("gaussian",),
-):  # fmt: skip
+):
     """Median seconds per training step (zero_grad + train_step + optimizer.step) for each rule
     (each perturbation kind of the perturbing ones) and of its draws alone; with ``cuda_graph``
     each step is replayed as a CUDA graph, as the trainer does on a GPU."""
@@ -150,10 +156,12 @@ def bench_steps(
     peak = {}
     if device.type == "cuda":  # each rule alone; the first twice (CUDA and cuBLAS set-up)
         for name, kind in [variants[0], *variants]:
-            peak[name, kind] = peak_cuda_bytes(model_name, name, device, x, y, warmup, cuda_graph,
-                                               [*extra, *_kind_override(kind)])  # fmt: skip
-    built = {v: _build(model_name, v[0], device, [*extra, *_kind_override(v[1])])[1:]
-             for v in variants}  # fmt: skip
+            peak[name, kind] = peak_cuda_bytes(
+                model_name, name, device, x, y, warmup, cuda_graph, [*extra, *_kind_override(kind)]
+            )
+    built = {
+        v: _build(model_name, v[0], device, [*extra, *_kind_override(v[1])])[1:] for v in variants
+    }
     step = _graphed_step(x, y, cuda_graph)
     times = {v: [] for v in variants}
     draw_times = {v: [] for v in variants if v[1] is not None}
@@ -177,14 +185,21 @@ def bench_steps(
     for v, (rule, optimizer) in built.items():
         median = statistics.median(times[v])
         draw = statistics.median(draw_times[v]) if v in draw_times else None
-        rows.append({
-            "model": model_name, "algorithm": v[0], "perturbation": v[1], "batch": batch,
-            "cuda_graph": cuda_graph, "step_ms": 1e3 * median, "ratio_to_bp": median / bp,
-            "draw_ms": None if draw is None else 1e3 * draw,
-            "rng_share": None if draw is None else draw / median,
-            "state_mb": _state_bytes(rule, optimizer) / 2**20,
-            "peak_cuda_mb": peak[v] / 2**20 if v in peak else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": model_name,
+                "algorithm": v[0],
+                "perturbation": v[1],
+                "batch": batch,
+                "cuda_graph": cuda_graph,
+                "step_ms": 1e3 * median,
+                "ratio_to_bp": median / bp,
+                "draw_ms": None if draw is None else 1e3 * draw,
+                "rng_share": None if draw is None else draw / median,
+                "state_mb": _state_bytes(rule, optimizer) / 2**20,
+                "peak_cuda_mb": peak[v] / 2**20 if v in peak else None,
+            }
+        )
     return rows
 
 
@@ -214,10 +229,15 @@ def bench_metrics_overhead(model_name, rules, device, every_n_steps=None, repeat
             if i >= 10:
                 steps.append(time.perf_counter() - t0 - (measures[-1] if i % 20 == 0 else 0))
         step, measure = statistics.median(steps), statistics.median(measures)
-        rows.append({
-            "model": model_name, "algorithm": name, "every_n_steps": every,
-            "measure_in_steps": measure / step, "overhead_ratio": 1 + measure / every / step,
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": model_name,
+                "algorithm": name,
+                "every_n_steps": every,
+                "measure_in_steps": measure / step,
+                "overhead_ratio": 1 + measure / every / step,
+            }
+        )
     return rows
 
 
@@ -225,19 +245,33 @@ def bench_epochs(rules, root, device, epochs=1, overrides=(), kinds=("gaussian",
     """MNIST FC-2 (batch 64): seconds per epoch (train + test, start-up excluded) and accuracy."""
     rows = []
     for name, kind in _variants(rules, kinds):
-        cfg = _compose([f"algorithm={name}", f"dataset.root={root}", f"trainer.epochs={epochs}",
-                        f"trainer.device={device.type}", "logger=none", "trainer.progress=false",
-                        "trainer.resume=never", *_kind_override(kind), *overrides])  # fmt: skip
+        cfg = _compose(
+            [
+                f"algorithm={name}",
+                f"dataset.root={root}",
+                f"trainer.epochs={epochs}",
+                f"trainer.device={device.type}",
+                "logger=none",
+                "trainer.progress=false",
+                "trainer.resume=never",
+                *_kind_override(kind),
+                *overrides,
+            ]
+        )
         # bench/, not outputs/: reports of outputs/ never see these runs; one folder per kind
         several = kind is not None and len(kinds) > 1
         out = Path("bench") / (f"{name}-{kind}" if several else name)
         summary = train(cfg, out)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        rows.append({
-            "algorithm": name, "perturbation": kind, "epochs": epochs,
-            "epoch_s": summary["wall_s"] / summary["epochs"],
-            "test_acc": [r["test/acc"] for r in records if "test/acc" in r],
-        })  # fmt: skip
+        rows.append(
+            {
+                "algorithm": name,
+                "perturbation": kind,
+                "epochs": epochs,
+                "epoch_s": summary["wall_s"] / summary["epochs"],
+                "test_acc": [r["test/acc"] for r in records if "test/acc" in r],
+            }
+        )
     return rows
 
 
@@ -250,6 +284,21 @@ def table(rows, keys) -> str:
             cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
         lines.append(" | ".join(cells))
     return "\n".join(lines)
+
+
+# The columns each table prints (results JSON holds every field)
+STEP_COLUMNS = [
+    "algorithm",
+    "perturbation",
+    "batch",
+    "step_ms",
+    "ratio_to_bp",
+    "rng_share",
+    "state_mb",
+    "peak_cuda_mb",
+]
+METRICS_COLUMNS = ["model", "algorithm", "every_n_steps", "measure_in_steps", "overhead_ratio"]
+EPOCH_COLUMNS = ["algorithm", "perturbation", "epochs", "epoch_s", "test_acc"]
 
 
 def main(argv=None):
@@ -313,38 +362,36 @@ def main(argv=None):
         results["gpu"] = torch.cuda.get_device_name(device)
     for model_name in args.models:
         graph = device.type == "cuda" and not args.no_cuda_graph
-        rows = bench_steps(model_name, rules, args.steps, args.warmup, device, cuda_graph=graph,
-                           kinds=args.perturbation)  # fmt: skip
+        rows = bench_steps(
+            model_name,
+            rules,
+            args.steps,
+            args.warmup,
+            device,
+            cuda_graph=graph,
+            kinds=args.perturbation,
+        )
         results["steps"] += rows
         print(f"\n## {model_name} ({device}{', CUDA graphs' if graph else ''})\n")
-        print(table(rows, ["algorithm", "perturbation", "batch", "step_ms", "ratio_to_bp",
-                           "rng_share", "state_mb", "peak_cuda_mb"]))  # fmt: skip
+        print(table(rows, STEP_COLUMNS))
     if args.metrics_overhead:
         results["metrics"] = []
         for model_name in args.models:
             results["metrics"] += bench_metrics_overhead(model_name, rules, device)
         print(f"\n## alignment metrics at their default interval ({device})\n")
-        print(table(results["metrics"], ["model", "algorithm", "every_n_steps",
-                                         "measure_in_steps", "overhead_ratio"]))  # fmt: skip
+        print(table(results["metrics"], METRICS_COLUMNS))
     if args.epoch_rules:
         root = args.data_root or _compose([]).dataset.root
         results["epochs"] = bench_epochs(
             args.epoch_rules, root, device, args.epochs, args.epoch_overrides, args.perturbation
         )
         print(f"\n## MNIST FC-2, batch 64, {args.epochs} epoch(s) ({device})\n")
-        print(table(results["epochs"], ["algorithm", "perturbation", "epochs", "epoch_s",
-                                        "test_acc"]))  # fmt: skip
+        print(table(results["epochs"], EPOCH_COLUMNS))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors(also=(HydraException,)):  # missing data, a bad --epoch-overrides: one line
         main()
-    except Exception as err:  # bad input (missing data, a bad --epoch-overrides): one line
-        user_error = find_fdfa_error(err)
-        if user_error is None and not isinstance(err, HydraException):
-            raise
-        print(f"error: {' '.join(str(user_error or err).split())}", file=sys.stderr)
-        sys.exit(2)

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fdfa.allocator import keep_freed_memory
-from fdfa.errors import FdfaError, Interrupted, RunDirRefused, find_fdfa_error
+from fdfa.errors import RunDirRefused, user_errors
 from fdfa.sweep import assign_job_gpu, job_callbacks, record_machine_gpus
 from fdfa.train import train
 from fdfa.validate import CONF_DIR, preflight
@@ -36,24 +36,20 @@ def task(cfg: DictConfig) -> float:
         "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
         "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
     }
-    try:
+    # in a sweep every error propagates: the sweeper records the failed job and goes on
+    with user_errors(on_error=to_run_log, active=hc.mode != RunMode.MULTIRUN):
         summary = train(cfg, hc.runtime.output_dir, names, job_callbacks(), record)
-    except Exception as err:
-        user_error = find_fdfa_error(err)
-        if user_error is None or hc.mode == RunMode.MULTIRUN:
-            raise  # a bug shows its traceback; a sweeper records the failed job and goes on
-        if not isinstance(user_error, RunDirRefused):  # a refused run leaves the dir as it was
-            to_run_log(f"error: {user_error}")
-        print(f"error: {user_error}", file=sys.stderr)
-        sys.exit(2)
     # What a sweeper maximises: the best validation accuracy (selection on validation data);
     # without a validation set, the last epoch's test accuracy (never the max over epochs).
     best_val = summary["best/val/acc"]
     return summary["selected/test/acc"] if best_val is None else best_val
 
 
-def to_run_log(line: str) -> None:
-    """Append ``line`` to the run's log file (run.log) only: stderr gets it once, from us."""
+def to_run_log(err: BaseException, line: str) -> None:
+    """Append ``line`` to the run's log file (run.log) only: stderr gets it once, from us. A
+    refused run leaves the run dir (and its run.log) as it was."""
+    if isinstance(err, RunDirRefused):
+        return
     record = logging.LogRecord("fdfa", logging.ERROR, __file__, 0, line, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
@@ -62,17 +58,11 @@ def to_run_log(line: str) -> None:
 
 def main() -> None:
     conf = CONF_DIR
-    try:
+    with user_errors():
         preflight(sys.argv[1:], conf)  # unknown group options, an unwritable run dir: one line
-    except FdfaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     keep_freed_memory()  # no page-fault storms on CPU steps (fdfa/allocator.py)
     logging.raiseExceptions = False  # a full disk must not turn each log line into a traceback
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         record_machine_gpus()  # for jobs that a local launcher starts from here
-    try:
+    with user_errors():  # Interrupted: last.ckpt and summary.json are written; a rerun resumes
         hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(task)()
-    except Interrupted as stop:  # last.ckpt and summary.json are written; a rerun resumes
-        print(stop, file=sys.stderr)
-        sys.exit(stop.exit_code)

@@ -1,7 +1,7 @@
 """The training step replayed as one CUDA graph (``trainer.cuda_graph=true``, the default on a GPU).
 
-A step of a small network on a GPU is bound by the CPU: each of its ~100 ops costs a kernel launch
-(~10 us of Python and driver work) while the kernels themselves take a few microseconds. A CUDA
+A step of a small network on a GPU is bound by the CPU: each of its many ops costs a kernel launch
+(Python and driver work) that takes longer than the small kernel it launches. A CUDA
 graph records the step's kernels once (``rule.train_step`` + ``optimizer.step``, the rule's own
 feedback update included) and replays them with a single launch: the same kernels on the same
 tensors, so the same math, at a fraction of the CPU cost.
@@ -30,6 +30,7 @@ from functools import cache
 
 import torch
 
+from fdfa.errors import one_line
 from fdfa.rules.base import rule_optimizers
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,12 @@ class GraphedSteps:
             except Exception as err:  # noqa: BLE001 (whatever failed: go on eagerly)
                 self.enabled, self.graph = False, None
                 torch.cuda.synchronize()
-                reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                log.warning("trainer.cuda_graph: the training step could not be captured (%s); "
-                            "training goes on without CUDA graphs (trainer.cuda_graph=false "
-                            "skips the attempt)", reason)  # fmt: skip
+                log.warning(
+                    "trainer.cuda_graph: the training step could not be captured (%s); "
+                    "training goes on without CUDA graphs (trainer.cuda_graph=false "
+                    "skips the attempt)",
+                    one_line(err, None, typed=True),
+                )
                 return None
             self.lrs = lrs
         self.x.copy_(x)

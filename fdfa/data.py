@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fdfa.errors import FdfaError, one_line
+from fdfa.validate import check_options
 
 # torchvision class name and expected raw files of each dataset name used in conf/dataset/.
 _TORCHVISION = {
@@ -76,19 +77,11 @@ class TensorData:
         std: float | list = 0.5,
         augment: str = "none",
     ):
-        if batch_size < 1 or test_batch_size < 1:
-            raise FdfaError(
-                f"dataset.batch_size and dataset.test_batch_size must be >= 1, "
-                f"got {batch_size} and {test_batch_size}"
-            )
-        if augment not in ("none", "flip_crop"):
-            raise FdfaError(f"dataset.augment must be 'none' or 'flip_crop', got {augment!r}")
+        check_options("dataset", locals())
         train_idx, val_idx = validation_split(len(train_y), val_size, split_seed)
         self.val_x, self.val_y = train_x[val_idx], train_y[val_idx].long()
         train_x, train_y = train_x[train_idx], train_y[train_idx]
         if subset is not None:
-            if subset < 2:
-                raise FdfaError(f"dataset.subset must be >= 2 samples or null, got {subset}")
             train_x, train_y = train_x[:subset], train_y[:subset]
         self.train_x, self.train_y = train_x, train_y.long()
         self.test_x, self.test_y = test_x, test_y.long()

@@ -1,10 +1,13 @@
-"""The exception types fdfa raises for what a user can fix or did on purpose, and the one helper
-that turns any error into a line: run.py prints these as one line, never a traceback."""
+"""The exception types fdfa raises for what a user can fix or did on purpose; ``one_line``, the
+one helper that turns any error into a line; and ``user_errors``, the one place where a command
+(fdfa/run.py, the report, the benchmark, the sweeper) turns them into ``error: <line>`` and exit
+code 2, never a traceback."""
 
 from __future__ import annotations
 
 import errno
 import signal
+import sys
 
 
 class FdfaError(Exception):
@@ -23,6 +26,11 @@ class RunDirRefused(FdfaError):
 class DiskFullError(FdfaError):
     """A write found no space left (or the quota spent); its temp file is removed and the file it
     would have replaced (e.g. the previous last.ckpt) is intact."""
+
+
+class OptionError(FdfaError, ValueError):
+    """A bad option value (``algorithm.*``, ``dataset.*``, ...). Also a ValueError, the type Python
+    code expects from a constructor."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -47,13 +55,18 @@ class Interrupted(KeyboardInterrupt):
         return signal.Signals(self.signum).name
 
 
-def one_line(err: BaseException | str, limit: int = 200) -> str:
-    """The first line of an error's message (its type's name when it has none), at most
-    ``limit`` characters: for messages that quote another library's error."""
-    text = (str(err).strip().splitlines() or [""])[0].strip().rstrip(":")
-    if not text and isinstance(err, BaseException):
-        text = type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def one_line(
+    err: BaseException | str, limit: int | None = 200, *, whole: bool = False, typed: bool = False
+) -> str:
+    """An error's message as one line of at most ``limit`` characters (None: no limit): its first
+    line (for messages that quote another library's error), or with ``whole`` all of it with its
+    whitespace collapsed (for a parser's message that explains itself on later lines). ``typed``
+    puts the error's type first (``OSError: ...``); a message-less error gives its type's name."""
+    text = str(err).strip()
+    text = " ".join(text.split()) if whole else (text.splitlines() or [""])[0].strip().rstrip(":")
+    if isinstance(err, BaseException) and (typed or not text):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 def find_fdfa_error(err: BaseException) -> FdfaError | None:
@@ -65,6 +78,47 @@ def find_fdfa_error(err: BaseException) -> FdfaError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+class user_errors:  # noqa: N801 (used as a context manager, like contextlib's)
+    """``with user_errors():`` around a command's work: an FdfaError (also behind Hydra's
+    wrapping, found by ``find_fdfa_error``) or one of the ``also`` types becomes ``error: <the
+    message as one line>`` on stderr and exit code 2 (the error's ``exit_code`` if it has one);
+    Interrupted prints its message and exits with its code (130 / 143). Anything else is a bug
+    and propagates with its traceback.
+
+    ``on_error(err, line)`` sees the error and the line first (e.g. to copy it to run.log).
+    ``exit=False`` returns instead of exiting: the code is then ``.exit_code`` (0: no error).
+    ``active=False`` lets everything through (a sweeper's job: the sweeper records the failure)."""
+
+    def __init__(self, also=(), on_error=None, exit: bool = True, active: bool = True):
+        self.also, self.on_error, self.exit, self.active = tuple(also), on_error, exit, active
+        self.exit_code = 0
+
+    def __enter__(self) -> user_errors:
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None or not self.active:
+            return False
+        if isinstance(err, Interrupted):  # last.ckpt and summary.json are written; a rerun resumes
+            line, code = str(err), err.exit_code
+        elif isinstance(err, Exception):
+            user_error = find_fdfa_error(err)
+            if user_error is None and not isinstance(err, self.also):
+                return False  # a bug: its traceback
+            user_error = user_error or err
+            line, code = f"error: {one_line(user_error, None, whole=True)}", 2
+            code = getattr(user_error, "exit_code", code)
+            if self.on_error is not None:
+                self.on_error(user_error, line)
+        else:
+            return False
+        print(line, file=sys.stderr)
+        self.exit_code = code
+        if self.exit:
+            raise SystemExit(code) from None
+        return True
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

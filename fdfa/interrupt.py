@@ -9,23 +9,16 @@ from contextlib import contextmanager
 from fdfa.errors import Interrupted
 
 
-class StopSignals:
-    """``with StopSignals() as stop:`` catches SIGINT and SIGTERM (in the main thread only; the
-    previous handlers come back at the end of the block).
-
-    Outside ``stop.deferred()`` a signal raises Interrupted at once: nothing is lost while a run
-    is still being built. Inside it, the first signal only sets ``stop.signum``; the training
-    loop looks at it after each step, writes last.ckpt and raises Interrupted itself. A second
-    signal raises at once (the last checkpoint written stays intact)."""
+class SignalHandler:
+    """While entered (``with``), SIGINT and SIGTERM call ``self._handle(signum, frame)``; the
+    previous handlers come back at the end of the block. Only in the main thread (Python lets no
+    other thread set handlers): elsewhere entering changes nothing. The one place that installs
+    and restores them, for a run (StopSignals below) and for a sweep's worker (the sweeper's)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.signum: int | None = None
-        self._deferring = False
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
+    def __enter__(self):
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -34,7 +27,23 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        self._previous.clear()
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        raise NotImplementedError
+
+
+class StopSignals(SignalHandler):
+    """``with StopSignals() as stop:`` catches SIGINT and SIGTERM (see SignalHandler).
+
+    Outside ``stop.deferred()`` a signal raises Interrupted at once: nothing is lost while a run
+    is still being built. Inside it, the first signal only sets ``stop.signum``; the training
+    loop looks at it after each step, writes last.ckpt and raises Interrupted itself. A second
+    signal raises at once (the last checkpoint written stays intact)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._deferring = False
 
     @contextmanager
     def deferred(self):
@@ -51,10 +60,12 @@ class StopSignals:
             return
         if self._deferring:
             raise Interrupted(
-                signum, f"interrupted by {name} a second time: stopped at once; the last "
+                signum,
+                f"interrupted by {name} a second time: stopped at once; the last "
                 "checkpoint written is intact, rerun the same command to resume from it",
-            )  # fmt: skip
+            )
         raise Interrupted(
-            signum, f"interrupted by {name} before training started; rerun the same command "
+            signum,
+            f"interrupted by {name} before training started; rerun the same command "
             "to start (or resume) the run",
-        )  # fmt: skip
+        )

@@ -18,7 +18,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from fdfa.errors import FdfaError
+from fdfa.errors import FdfaError, one_line
 from fdfa.sweep import job_kind
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,16 @@ class CSVLogger:
     the layout does not depend on which kind of record came first."""
 
     FIRST_COLUMNS = (
-        "step", "epoch", "train/loss", "val/loss", "val/acc", "test/loss", "test/acc", "lr",
+        "step",
+        "epoch",
+        "train/loss",
+        "val/loss",
+        "val/acc",
+        "test/loss",
+        "test/acc",
+        "lr",
         "time_s",
-    )  # fmt: skip
+    )
 
     def __init__(self, out_dir: str, filename: str = "metrics.csv", **_):
         self.path = Path(out_dir) / filename
@@ -70,8 +77,7 @@ _ONLINE_FAILED: str | None = None  # why W&B online failed in this process, once
 
 
 def _one_line(err: BaseException) -> str:
-    text = (str(err).strip().splitlines() or [""])[0][:200]
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return one_line(err, typed=True)  # 'OSError: ...': W&B raises many types
 
 
 def run_name(names: dict | None, run_config: dict, kind: str = "train") -> str:

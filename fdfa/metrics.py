@@ -25,11 +25,11 @@ Hidden block l is named by position and by its first Conv/Linear layer: ``fc1``,
 A cosine with a zero vector is reported as 0 (angle 90).
 
 Cost of one measurement: a forward and a backward pass, plus, for the J_l behind ``feedback/*`` and
-``estimator/*/jacobian_rel_mse``, one reverse pass per (sample, class) pair (batched). On 2 CPU
-cores that is about 15-120 training steps for fc and cnn models (so ``every_n_steps=1000`` costs
-<= 15%), but it grows with batch x classes x model size: for AlexNet on CIFAR-100 set
-``jacobian_metrics=false`` (alignment and ``grad_rel_mse`` only, about 2 steps) or a much larger
-``every_n_steps``.
+``estimator/*/jacobian_rel_mse``, one reverse pass per (sample, class) pair (batched): many
+training steps' worth, spread thin by ``every_n_steps`` (``python -m fdfa.bench
+--metrics-overhead`` measures the share), and growing with batch x classes x model size: for
+AlexNet on CIFAR-100 set ``jacobian_metrics=false`` (alignment and ``grad_rel_mse`` only, about a
+forward and a backward pass) or a much larger ``every_n_steps``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fdfa.errors import FdfaError
 from fdfa.rules.base import perturbed_forward
+from fdfa.validate import check_options
 
 TINY = 1e-300  # guards divisions by a zero norm (float64)
 WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -165,10 +165,6 @@ def rel_mse(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (estimate - truth).square().sum() / truth.square().sum().clamp_min(TINY)
 
 
-def _is_int_at_least(value, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 class AlignmentMetrics:
     """Alignment, feedback and estimator metrics every ``every_n_steps`` steps (None: never)."""
 
@@ -178,21 +174,7 @@ class AlignmentMetrics:
         jacobian_metrics: bool = True,
         jacobian_chunk_mb: float = 32,
     ):
-        if every_n_steps is not None and not _is_int_at_least(every_n_steps, 1):
-            raise FdfaError(
-                f"metrics.every_n_steps must be an integer >= 1, or null to turn the metrics off; "
-                f"got {every_n_steps!r}"
-            )
-        if not isinstance(jacobian_metrics, bool):
-            raise FdfaError(
-                f"metrics.jacobian_metrics must be true or false, got {jacobian_metrics!r}"
-            )
-        if isinstance(jacobian_chunk_mb, bool) or not (
-            isinstance(jacobian_chunk_mb, (int, float)) and jacobian_chunk_mb > 0
-        ):
-            raise FdfaError(
-                f"metrics.jacobian_chunk_mb must be a number > 0, got {jacobian_chunk_mb!r}"
-            )
+        check_options("metrics", locals())
         self.every_n_steps = every_n_steps
         self.jacobian_metrics = jacobian_metrics
         self.jacobian_chunk_mb = float(jacobian_chunk_mb)
@@ -223,8 +205,10 @@ class AlignmentMetrics:
     def _measure(self, rule, model, x, y) -> dict[str, torch.Tensor]:
         names = block_names(model)
         weights = [block_weights(block) for block in model.blocks]
-        updates = [flat(p.grad if p.grad is not None else torch.zeros_like(p) for p in ws)
-                   for ws in weights]  # fmt: skip
+        updates = [
+            flat(p.grad if p.grad is not None else torch.zeros_like(p) for p in ws)
+            for ws in weights
+        ]
         feedback = getattr(rule, "feedback", None)
         has_feedback = feedback is not None and len(feedback) == len(model.blocks)
         forward_mode = bool(getattr(rule, "forward_mode", False))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fdfa.errors import FdfaError
+from fdfa.validate import check_options
 
 
 class BlockNet(nn.Module):
@@ -50,9 +51,8 @@ class FCNet(BlockNet):
     """n hidden layers of Linear -> BatchNorm1d -> ReLU, then a Linear output layer."""
 
     def __init__(self, input_shape, num_classes: int, n_layers: int = 2, width: int | None = None):
+        check_options("model", locals())
         super().__init__(input_shape, num_classes)
-        if n_layers < 1:
-            raise FdfaError(f"model.n_layers must be >= 1, got {n_layers}")
         if width is None:  # the reference code's widths: 800 for 28x28 digits, 1000 for CIFAR
             width = 800 if _numel(self.input_shape) <= 28 * 28 else 1000
         self.width = int(width)
@@ -129,6 +129,7 @@ class AlexNet(BlockNet):
     input_size = 224
 
     def __init__(self, input_shape, num_classes: int, input_size: int = 224, fc_width: int = 4096):
+        check_options("model", locals())
         super().__init__(input_shape, num_classes)
         self.input_size = int(input_size)
         c, h, w = self.input_shape

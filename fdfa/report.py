@@ -50,7 +50,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
-from fdfa.errors import FdfaError
+from fdfa.errors import FdfaError, one_line, user_errors
 from fdfa.protocol import evaluation_records, mean_ci, select_epoch
 
 # The usual order of the rules in tables and legends; other names follow, sorted.
@@ -348,8 +348,7 @@ def read_config(path: Path) -> dict | None:
     try:
         config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
     except (yaml.YAMLError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:120]
-        raise Unusable(f".hydra/config.yaml is not a valid config ({first})") from None
+        raise Unusable(f".hydra/config.yaml is not a valid config ({one_line(err, 120)})") from None
     if not isinstance(config, dict):
         raise Unusable(".hydra/config.yaml is not a mapping")
     return _flatten(config)
@@ -412,8 +411,9 @@ def load_run(path: Path) -> RunData:
     if run.seed is not None and not _integer(run.seed):
         raise Unusable(f"seed must be an integer, got {run.seed!r}")
     if not run.evaluations():
-        raise Unusable("metrics.jsonl has no evaluation record (one with epoch and test/acc)",
-                       "no records")  # fmt: skip
+        raise Unusable(
+            "metrics.jsonl has no evaluation record (one with epoch and test/acc)", "no records"
+        )
     try:  # every number the table reads: a run that breaks one is skipped, not the report
         run.selection(), run.final_acc(), run.epoch_seconds(), run.final_alignment()
     except (TypeError, ValueError, KeyError, StopIteration) as err:
@@ -629,8 +629,9 @@ def _plot_band(ax, curves, label, scale: float = 1.0) -> None:
     x, mean, std = _mean_band(curves)
     (line,) = ax.plot(x, mean * scale, label=label, marker="." if len(x) < 30 else None)
     if len(curves) > 1:
-        ax.fill_between(x, (mean - std) * scale, (mean + std) * scale, alpha=0.2, lw=0,
-                        color=line.get_color())  # fmt: skip
+        ax.fill_between(
+            x, (mean - std) * scale, (mean + std) * scale, alpha=0.2, lw=0, color=line.get_color()
+        )
 
 
 LEGEND_WRAP = 70  # characters per legend line; longer labels wrap
@@ -826,14 +827,15 @@ def main(argv=None) -> int:
     parser.add_argument("dirs", nargs="+", help="sweep or run dirs (searched recursively)")
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
     args = parser.parse_args(argv)
-    try:
+    with user_errors(exit=False) as errors:
         report = make_report(args.dirs, args.out)
-    except FdfaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if errors.exit_code:
+        return errors.exit_code
     n_runs = sum(len(row.runs) for row in report.rows)
-    print(f"{n_runs} runs in {len(report.rows)} rows -> {Path(args.out) / 'results.md'}, "
-          f"results.csv and {len(report.plots)} PNG plots")  # fmt: skip
+    print(
+        f"{n_runs} runs in {len(report.rows)} rows -> {Path(args.out) / 'results.md'}, "
+        f"results.csv and {len(report.plots)} PNG plots"
+    )
     if report.skipped:
         print(f"skipped {skip_summary(report.skipped)} (each with why: end of results.md)")
     return 0

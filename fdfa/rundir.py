@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import os
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from fdfa.errors import FdfaError, RunDirRefused
+from fdfa.errors import FdfaError, RunDirRefused, user_errors
 
 LOCK_NAME = ".lock"
 
@@ -100,10 +99,12 @@ class RunDirCallback(Callback):
     """Checks (and, when named by the time, claims) the run or sweep dir before Hydra makes it."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        _exit_on_error(self._claim_run_dir, config)
+        with user_errors():
+            self._claim_run_dir(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        _exit_on_error(self._check_sweep_dir, config)
+        with user_errors():
+            self._check_sweep_dir(config)
 
     @staticmethod
     def _check_sweep_dir(config: DictConfig) -> None:
@@ -130,11 +131,3 @@ class RunDirCallback(Callback):
 def _resolved(config: DictConfig, kind: str) -> Path:
     HydraConfig.instance().set_config(config)  # for ${hydra:...} (Hydra does the same next)
     return Path(str(config.hydra[kind].dir))
-
-
-def _exit_on_error(check, config: DictConfig) -> None:
-    try:
-        check(config)
-    except FdfaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)

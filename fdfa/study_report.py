@@ -86,10 +86,13 @@ def _log_study(study, sweep_dir: Path, settings: dict, config: DictConfig) -> No
         tags=[str(t) for t in settings.get("tags") or []],
         mode=mode,
         dir=str(wandb_dir),
-        config={"study_name": study.study_name, "objective": objective,
-                "direction": study.direction.name.lower()},
+        config={
+            "study_name": study.study_name,
+            "objective": objective,
+            "direction": study.direction.name.lower(),
+        },
         reinit="create_new",
-    )  # fmt: skip
+    )
     try:
         images = {
             f"plots/{name}": wandb.Image(str(sweep_dir / f"{name}.png"))

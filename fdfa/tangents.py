@@ -89,9 +89,16 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x, t):
         m.num_batches_tracked.add_(1)
         momentum = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
     y, mean, inv_std, reserve, impl = _bn_forward(
-        x, m.weight, m.bias, m.running_mean, m.running_var, True, momentum, m.eps,
+        x,
+        m.weight,
+        m.bias,
+        m.running_mean,
+        m.running_var,
+        True,
+        momentum,
+        m.eps,
         torch.backends.cudnn.enabled,
-    )  # fmt: skip
+    )
     with torch.no_grad():
         if not _stacked(x, t):
             # BatchNorm's input Jacobian in training mode is self-adjoint, so J t is the backward
@@ -99,9 +106,19 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x, t):
             # (t - mean(t) - x_hat * mean(x_hat * t)) * gamma / std
             only_input = [True, False, False]
             return y, _bn_backward(
-                impl, x.detach(), t, m.weight, m.running_mean, m.running_var, mean, inv_std, True,
-                m.eps, only_input, reserve,
-            )[0]  # fmt: skip
+                impl,
+                x.detach(),
+                t,
+                m.weight,
+                m.running_mean,
+                m.running_var,
+                mean,
+                inv_std,
+                True,
+                m.eps,
+                only_input,
+                reserve,
+            )[0]
         return y, _batch_norm_tangent(m, x, t, mean, inv_std, shape)
 
 

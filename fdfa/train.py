@@ -30,6 +30,7 @@ from fdfa.interrupt import StopSignals
 from fdfa.protocol import evaluation_records, select_epoch
 from fdfa.rules.base import rule_optimizers
 from fdfa.rundir import RunDirLock
+from fdfa.runfiles import RunFiles
 from fdfa.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,10 @@ class Progress:
 
 
 class Run:
-    """Everything one training job builds from its config.
+    """One training job, in three steps (torchtune's recipe lifecycle): ``Run(cfg, out_dir)``
+    checks the config's values and stores it (nothing built, nothing written); ``setup()`` builds
+    data, model, rule, optimizer and metrics, or restores them from a checkpoint; ``fit()`` trains.
+    Its files (metrics.jsonl, summary.json, last.ckpt, best.ckpt) are ``self.files``.
 
     ``record``: files (name -> text) to write into ``<out_dir>/.hydra/`` once the run dir is
     accepted (no checkpoint of another config there): run.py passes Hydra's config.yaml,
@@ -100,22 +104,26 @@ class Run:
     ):
         validate_config(cfg)
         self.cfg = cfg
+        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.files = RunFiles(out_dir)
+        self.given_names = names or {}
         # Objects with ``on_evaluation(run, record)``, called after each evaluation is logged; one
         # may raise to end the run (a sweeper's pruner raises optuna.TrialPruned).
         self.callbacks = list(callbacks)
+        self.record = record or {}
         self.stop = stop or StopSignals()  # not entered: no handlers, signum stays None
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt_path = self.out_dir / "last.ckpt"
-        self.best_path = self.out_dir / "best.ckpt"  # the weights at the selected epoch
-        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.loggers = []  # built when training starts (a finished run starts none)
+
+    def setup(self) -> Run:
+        """Build everything from the config, or restore it from the checkpoint to resume from
+        (``trainer.resume``); a fresh start empties metrics.jsonl. Returns the run."""
+        cfg = self.cfg
+        self.files.create()
         resume_from = self._resume_source()
         resumed = checkpoint.load(resume_from) if resume_from else None
         if resumed:
             self._check_compatible(resumed, resume_from)
-        for name, text in (record or {}).items():  # the dir is this run's: record its config
-            (self.out_dir / ".hydra").mkdir(exist_ok=True)
-            checkpoint.write_text_atomic(self.out_dir / ".hydra" / name, text)
+        self.files.record_config(self.record)  # the dir is this run's: record its config
 
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.trainer.device)
@@ -130,28 +138,30 @@ class Run:
         # alignment metrics on the side of training (conf/metrics/); none without a metrics group
         self.metrics = instantiate(cfg.metrics) if cfg.get("metrics") else None
         self.graphed = GraphedSteps(
-            self.rule, self.optimizer, batch_size=self.data.batch_size,
+            self.rule,
+            self.optimizer,
+            batch_size=self.data.batch_size,
             enabled=self.device.type == "cuda" and bool(cfg.trainer.get("cuda_graph", True)),
-        )  # fmt: skip
+        )
         self.names = {
             "algorithm": type(self.rule).__name__.lower(),
             "model": type(self.model).__name__.lower(),
             "dataset": getattr(self.data, "name", type(self.data).__name__.lower()),
-            **(names or {}),
+            **self.given_names,
         }
         self.progress = Progress()
         self.records: list[dict] = []
         if resumed:
             self._restore(resumed, resume_from)
         else:
-            self._write_records()  # a fresh start: no stale records from an earlier run here
-        self.loggers = []  # built when training starts (a finished run starts none)
+            self.files.write_records([])  # a fresh start: no stale records from an earlier run
         self._clock = (time.perf_counter(), self.progress.wall_time)
+        return self
 
     def _start_loggers(self) -> None:
         self.loggers = [
             instantiate(c, _partial_=True)(
-                out_dir=str(self.out_dir),
+                out_dir=str(self.files.dir),
                 run_config=self.resolved,
                 names=self.names,
                 resumed=self.progress.step > 0,  # from a checkpoint: its records are replayed
@@ -173,10 +183,11 @@ class Run:
         choice = self.cfg.trainer.get("resume", "auto")
         if choice in (None, False, "never"):
             return None
+        last = self.files.last
         if choice == "auto":
-            return self.ckpt_path if self.ckpt_path.exists() else None
+            return last if last.exists() else None
         if choice == "latest":
-            return self.ckpt_path if self.ckpt_path.exists() else self._latest_unfinished()
+            return last if last.exists() else self._latest_unfinished()
         path = Path(choice)
         if not path.is_file():
             raise FdfaError(f"trainer.resume={choice}: no such checkpoint file")
@@ -186,19 +197,20 @@ class Run:
         """trainer.resume=latest: the last.ckpt of the newest unfinished run of this config (all
         but trainer, logger, metrics) beside this run dir: outputs/<name>/*/ for single runs,
         multirun/*/<same job dir>/ for sweeps; None (a fresh start) if there is none."""
-        here = self.out_dir.resolve()
+        here = self.files.dir.resolve()
         found = []
         for d in {*here.parent.glob("*/"), *here.parent.parent.glob(f"*/{here.name}/")}:
-            summary, config = d / "summary.json", d / ".hydra" / "config.yaml"
-            if d == here or not ((d / "last.ckpt").is_file() and config.is_file()):
+            other = RunFiles(d)
+            if d == here or not (other.last.is_file() and other.config.is_file()):
                 continue
             try:
-                saved = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+                saved = OmegaConf.to_container(OmegaConf.load(other.config), resolve=True)
+                summary = other.summary
                 status = json.loads(summary.read_text())["status"] if summary.is_file() else None
             except Exception:  # an unreadable or foreign run dir is not one of this config's
                 continue
             if status != "completed" and not checkpoint.config_differences(saved, self.resolved):
-                found.append(d / "last.ckpt")
+                found.append(other.last)
         if not found:
             log.info("trainer.resume=latest: no unfinished run of this config; starting fresh")
             return None
@@ -229,7 +241,7 @@ class Run:
             "progress": asdict(self.progress),
             "records": self.records,
         }
-        checkpoint.save_atomic(state, self.ckpt_path)
+        self.files.save_last(state)
 
     def _restore(self, ckpt: dict, path: Path) -> None:
         try:
@@ -250,25 +262,15 @@ class Run:
         self.records = list(ckpt["records"])
         checkpoint.set_rng_state(ckpt["rng"])
         # metrics.jsonl holds exactly the checkpoint's records: later ones will be redone
-        self._write_records()
+        self.files.write_records(self.records)
         p = self.progress
         log.info("resuming from %s: epoch %d, step %d", path, p.epoch, p.step)
-
-    def _write_records(self) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in self.records)
-        checkpoint.write_text_atomic(self.out_dir / "metrics.jsonl", lines)
 
     # ---- training ----------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
         self.records.append(record)
-        try:
-            with (self.out_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:  # a torn last line is rewritten from last.ckpt on resume
-            if is_disk_full(err):
-                raise checkpoint.disk_full(self.out_dir, "metrics.jsonl") from None
-            raise
+        self.files.append_record(record)
         for logger in self.loggers:
             logger.log_metrics(record, step=record["step"])
 
@@ -282,9 +284,9 @@ class Run:
         """Train; write summary.json and finish every logger, also when training fails or is
         interrupted (status ``interrupted``, after last.ckpt was written)."""
         if self.done():
-            log.info("run in %s already finished; nothing to do", self.out_dir)
+            log.info("run in %s already finished; nothing to do", self.files.dir)
             summary = {"status": "completed", **self._totals(), **self.names, "seed": self.cfg.seed}
-            self._write_summary(summary)
+            self.files.write_summary(summary)
             return summary
         summary = {"status": "failed"}
         with self.stop.deferred():  # a signal now only sets stop.signum; the loop stops on it
@@ -302,7 +304,7 @@ class Run:
                 self._finish(summary, failing=True)  # never masks err
                 if isinstance(err, Exception) and is_disk_full(err):
                     if not isinstance(err, FdfaError):  # e.g. a logger's file
-                        raise checkpoint.disk_full(self.out_dir) from None
+                        raise checkpoint.disk_full(self.files.dir) from None
                 raise
             self._finish(summary, failing=False)  # a signal now: the run is complete anyway
         return summary
@@ -312,25 +314,24 @@ class Run:
         that cannot be written only logs a warning (and removes a stale summary.json)."""
         summary.update(self._totals(), **self.names, seed=self.cfg.seed)
         try:
-            self._write_summary(summary)
+            self.files.write_summary(summary)
         except Exception as err:
             if not failing:
                 raise
             log.warning("summary.json not written (%s)", one_line(err))
-            (self.out_dir / "summary.json").unlink(missing_ok=True)  # it would tell an old story
+            self.files.remove_summary()  # it would tell an old story
         for logger in self.loggers:
             logger.finish(summary)
-
-    def _write_summary(self, summary: dict) -> None:
-        text = json.dumps(summary, indent=2) + "\n"
-        checkpoint.write_text_atomic(self.out_dir / "summary.json", text)
 
     def _fit(self) -> None:
         p, data = self.progress, self.data
         log.info(
             "%s | %s | %s: %d train samples, %d steps/epoch, device %s",
-            *self.names.values(), len(data.train_y), data.steps_per_epoch, self.device,
-        )  # fmt: skip
+            *self.names.values(),
+            len(data.train_y),
+            data.steps_per_epoch,
+            self.device,
+        )
         while not self.done():
             if p.perm is None:  # a new epoch
                 p.epoch += 1
@@ -352,9 +353,10 @@ class Run:
         name = signal.Signals(signum).name
         log.warning("%s: stopped at epoch %d, step %d; last.ckpt written", name, p.epoch, p.step)
         raise Interrupted(
-            signum, f"interrupted by {name} at epoch {p.epoch}, step {p.step}: last.ckpt saved in "
-            f"{self.out_dir}; rerun the same command to resume",
-        )  # fmt: skip
+            signum,
+            f"interrupted by {name} at epoch {p.epoch}, step {p.step}: last.ckpt saved in "
+            f"{self.files.dir}; rerun the same command to resume",
+        )
 
     # Checking a loss for NaN/inf reads it back from the device. On the CPU that is free, so every
     # step is checked; on a GPU it would stall the queue of kernels each step, so the losses stay
@@ -375,10 +377,13 @@ class Run:
         self.model.train()
         t0 = time.perf_counter()
         batches = tqdm(
-            self.data.train_batches(p.perm, start=p.batch), desc=f"epoch {p.epoch}/{cfg.epochs}",
-            total=self.data.steps_per_epoch, initial=p.batch, leave=False,
+            self.data.train_batches(p.perm, start=p.batch),
+            desc=f"epoch {p.epoch}/{cfg.epochs}",
+            total=self.data.steps_per_epoch,
+            initial=p.batch,
+            leave=False,
             disable=None if cfg.progress else True,
-        )  # fmt: skip
+        )
         for x, y in batches:
             measure = self.metrics is not None and self.metrics.due(p.step + 1)
             loss = None if measure else self.graphed.replay(x, y)  # the whole step, or None
@@ -452,8 +457,13 @@ class Run:
         val = f" | val/acc {record['val/acc']:.4f}" if "val/acc" in record else ""
         log.info(
             "epoch %d step %d | train/loss %.4f%s | test/acc %.4f | %s",
-            p.epoch, p.step, record["train/loss"], val, record["test/acc"], self._timing(),
-        )  # fmt: skip
+            p.epoch,
+            p.step,
+            record["train/loss"],
+            val,
+            record["test/acc"],
+            self._timing(),
+        )
         for callback in self.callbacks:
             callback.on_evaluation(self, record)
 
@@ -483,7 +493,7 @@ class Run:
             "rule": self.rule.state_dict(),
             "record": record,
         }
-        checkpoint.save_atomic(state, self.best_path)
+        self.files.save_best(state)
 
     def _totals(self) -> dict:
         evaluations = evaluation_records(self.records)
@@ -514,4 +524,6 @@ def train(
     run dir's lock (a live run there: RunDirRefused) and stopping cleanly on SIGINT/SIGTERM
     (Interrupted, after last.ckpt and summary.json are written)."""
     with RunDirLock(out_dir), StopSignals() as stop:
-        return Run(cfg, out_dir, names, callbacks, record=record, stop=stop).fit()
+        run = Run(cfg, out_dir, names, callbacks, record=record, stop=stop)
+        run.setup()
+        return run.fit()

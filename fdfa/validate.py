@@ -3,7 +3,8 @@
 - ``preflight(argv)``: before Hydra composes the config (unknown group options, unknown keys with
   the closest valid one, an unwritable run dir): Hydra's own messages for these are long, come
   with a traceback, or (``+trainer.epoch=1``) do not come at all.
-- ``validate_config(cfg)``: types and ranges of the composed config's values.
+- ``validate_config(cfg)``: types and ranges of the composed config's values (CHECKS), also
+  applied by each component's constructor to its own arguments (``check_options``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -21,7 +24,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from fdfa.errors import FdfaError
+from fdfa.errors import FdfaError, OptionError
 
 _HERE = Path(__file__).resolve().parent
 # conf/ shipped inside the package (a wheel), else the checkout's conf/ beside fdfa/
@@ -37,63 +40,111 @@ def _integer(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+class Check(NamedTuple):
+    ok: Callable[[Any], bool]  # accepts the value
+    requirement: str  # what the value must be, for the message
+    example: Any  # a valid value, for the fix the message proposes
+
+
+def integer(low: int | None = None, example: int = 1, null: bool = False, note: str = "") -> Check:
+    """An integer >= ``low`` (any integer when None); also null (None) with ``null``."""
+    what = "an integer" if low is None else f"an integer >= {low}"
+    return Check(
+        lambda v: (null and v is None) or (_integer(v) and (low is None or v >= low)),
+        ("null or " if null else "") + what + note,
+        example,
+    )
+
+
+def number(example: float, low: float = 0, strict: bool = True) -> Check:
+    """A finite number > ``low`` (>= with ``strict=False``)."""
+    sign = ">" if strict else ">="
+    return Check(
+        lambda v: _number(v) and (v > low if strict else v >= low),
+        f"a finite number {sign} {low:g}",
+        example,
+    )
+
+
+def fraction(example: float) -> Check:
+    return Check(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", example)
+
+
+def one_of(*values) -> Check:
+    """One of ``values`` (the first is the example)."""
+    return Check(lambda v: v in values, " or ".join(map(str, values)), values[0])
+
+
+BOOLEAN = Check(lambda v: isinstance(v, bool), "true or false", "true")
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
-# key -> (accepts the value, what it must be). A key absent from the config is not checked.
+# Every check of a single value, written once: config key -> Check. validate_config applies them
+# all before anything is built; a component's constructor applies those of its own arguments
+# (check_options), so Python code gets the same one-line message. A key absent from a config is
+# not checked. A new option: its YAML line, its constructor argument and its row here.
 CHECKS = {
-    "seed": (lambda v: _integer(v) and 0 <= v <= SEED_MAX, f"an integer in [0, {SEED_MAX}]"),
-    "optimizer.lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "optimizer.weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
-    "algorithm.feedback_lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "algorithm.feedback_decay": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "algorithm.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "algorithm.n_directions": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "algorithm.feedback_update": (lambda v: v in ("adam", "ema"), "adam or ema"),
-    "algorithm.feedback_init": (lambda v: v in ("zeros", "kaiming"), "zeros or kaiming"),
-    "algorithm.per_sample": (lambda v: isinstance(v, bool), "true or false"),
-    "algorithm.perturbation": (lambda v: v in ("gaussian", "rademacher"), "gaussian or rademacher"),
-    "model.n_layers": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "model.width": (lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
-    "model.input_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
-    "dataset.batch_size": (
-        lambda v: _integer(v) and v >= 2,
-        "an integer >= 2 (BatchNorm needs 2 samples per batch)",
+    "seed": Check(
+        lambda v: _integer(v) and 0 <= v <= SEED_MAX, f"an integer in [0, {SEED_MAX}]", 0
     ),
-    "dataset.test_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "dataset.val_size": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    "dataset.split_seed": (_integer, "an integer"),
-    "dataset.subset": (lambda v: v is None or (_integer(v) and v >= 2), "null or an integer >= 2"),
-    "dataset.augment": (lambda v: v in ("none", "flip_crop"), "none or flip_crop"),
-    "scheduler.gamma": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "trainer.epochs": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "trainer.max_steps": (
-        lambda v: v is None or (_integer(v) and v >= 1),
-        "null or an integer >= 1",
-    ),
-    "trainer.ckpt_every_n_steps": (
-        lambda v: v is None or (_integer(v) and v >= 1),
-        "null or an integer >= 1",
-    ),
-    "trainer.device": (
+    "optimizer.lr": number(1e-3),
+    "optimizer.weight_decay": number(0.0, strict=False),
+    "algorithm.feedback_lr": number(1e-4),
+    "algorithm.feedback_decay": fraction(0.0),
+    "algorithm.momentum": fraction(0.99),
+    "algorithm.n_directions": integer(1, example=4),
+    "algorithm.feedback_update": one_of("adam", "ema"),
+    "algorithm.feedback_init": one_of("zeros", "kaiming"),
+    "algorithm.per_sample": BOOLEAN,
+    "algorithm.perturbation": one_of("gaussian", "rademacher"),
+    "model.n_layers": integer(1, example=2),
+    "model.width": integer(1, example=800, null=True),
+    "model.input_size": integer(1, example=224, null=True),
+    "dataset.batch_size": integer(2, example=64, note=" (BatchNorm needs 2 samples per batch)"),
+    "dataset.test_batch_size": integer(1, example=1000),
+    "dataset.val_size": integer(0, example=0),
+    "dataset.split_seed": integer(example=0),
+    "dataset.subset": integer(2, example=1000, null=True),
+    "dataset.augment": one_of("none", "flip_crop"),
+    "scheduler.gamma": number(0.99),
+    "trainer.epochs": integer(1, example=10),
+    "trainer.max_steps": integer(1, example=1000, null=True),
+    "trainer.ckpt_every_n_steps": integer(1, example=500, null=True),
+    "trainer.device": Check(
         lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
         "auto, cpu or cuda",
+        "cpu",
     ),
-    "trainer.cuda_graph": (lambda v: isinstance(v, bool), "true or false"),
-    "metrics.every_n_steps": (
-        lambda v: v is None or (_integer(v) and v >= 1),
-        "null or an integer >= 1",
-    ),
+    "trainer.cuda_graph": BOOLEAN,
+    "metrics.every_n_steps": integer(1, 1000, null=True, note=" (null turns the metrics off)"),
+    "metrics.jacobian_metrics": BOOLEAN,
+    "metrics.jacobian_chunk_mb": number(32),
 }
 
 
+def check_value(key: str, value) -> None:
+    """Raise OptionError (an FdfaError and a ValueError) if ``value`` fails the check of
+    ``key``: one line naming the key, what it must be, and an example."""
+    check = CHECKS[key]
+    if not check.ok(value):
+        raise OptionError(
+            f"{key} must be {check.requirement}, got {value!r}; e.g. {key}={check.example}"
+        )
+
+
+def check_options(section: str, args: dict) -> None:
+    """A constructor's check of its arguments, its first line: ``check_options("algorithm",
+    locals())`` checks each argument that has a row ``algorithm.<name>`` in CHECKS."""
+    for name, value in args.items():
+        if f"{section}.{name}" in CHECKS:
+            check_value(f"{section}.{name}", value)
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Raise FdfaError naming the first value of the wrong type or out of range."""
-    for key, (ok, requirement) in CHECKS.items():
+    """Raise OptionError naming the first value of the wrong type or out of range."""
+    for key in CHECKS:
         value = OmegaConf.select(cfg, key, default="<absent>")
-        if value == "<absent>":
-            continue
-        if not ok(value):
-            raise FdfaError(f"{key} must be {requirement}, got {value!r}")
+        if value != "<absent>":
+            check_value(key, value)
 
 
 GROUP_OVERRIDE = re.compile(r"^(\w+)=(.*)$")
@@ -101,8 +152,10 @@ GROUP_OVERRIDE = re.compile(r"^(\w+)=(.*)$")
 
 def preflight(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Command-line checks before Hydra runs: group options exist, the run dir is writable."""
-    if any(a.startswith(("hydra.searchpath", "--config-dir", "-cd", "--info", "--help", "-h"))
-           for a in argv):  # fmt: skip
+    if any(
+        a.startswith(("hydra.searchpath", "--config-dir", "-cd", "--info", "--help", "-h"))
+        for a in argv
+    ):
         return  # the user brings their own configs or asks Hydra for help
     for arg in argv:
         m = GROUP_OVERRIDE.match(arg)

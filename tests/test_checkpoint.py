@@ -147,13 +147,15 @@ def test_truncated_checkpoint_is_refused_with_advice(tmp_path):
     data = (tmp_path / "last.ckpt").read_bytes()
     (tmp_path / "last.ckpt").write_bytes(data[: len(data) // 3])
     with pytest.raises(FdfaError, match="corrupt or unreadable.*trainer.resume"):
-        Run(compose_config(synthetic_overrides("trainer.epochs=2")), tmp_path)
+        Run(compose_config(synthetic_overrides("trainer.epochs=2")), tmp_path).setup()
 
 
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     train(compose_config(synthetic_overrides("trainer.epochs=1")), tmp_path)
     with pytest.raises(FdfaError, match=r"another config \(optimizer.lr: 0.0001 .* 0.001 now"):
-        Run(compose_config(synthetic_overrides("trainer.epochs=2", "optimizer.lr=1e-3")), tmp_path)
+        Run(
+            compose_config(synthetic_overrides("trainer.epochs=2", "optimizer.lr=1e-3")), tmp_path
+        ).setup()
     fresh = train(
         compose_config(synthetic_overrides("optimizer.lr=1e-3", "trainer.epochs=1",
                                            "trainer.resume=never")),

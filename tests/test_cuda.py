@@ -98,7 +98,7 @@ def test_every_rule_learns_on_cuda(tmp_path, algorithm):
         synthetic_overrides(f"algorithm={algorithm}", "trainer.device=cuda", "trainer.epochs=3",
                             "optimizer.lr=1e-3", "metrics.every_n_steps=4")
     )  # fmt: skip
-    run = Run(cfg, tmp_path)
+    run = Run(cfg, tmp_path).setup()
     summary = run.fit()
     assert summary["status"] == "completed" and summary["device"].startswith("cuda")
     assert run.graphed.replays > 0  # the rule's step was captured as a CUDA graph
@@ -132,7 +132,7 @@ def test_cuda_graph_replays_the_same_steps_as_eager(tmp_path, algorithm):
                                 "trainer.epochs=3", "dataset.train_size=324",
                                 f"trainer.cuda_graph={str(graph).lower()}")
         )  # fmt: skip
-        run = Run(cfg, tmp_path / str(graph))
+        run = Run(cfg, tmp_path / str(graph)).setup()
         run.fit()
         runs[graph] = run
     assert runs[True].graphed.replays == 3 * 8 - runs[True].graphed.WARMUP_STEPS
@@ -155,7 +155,7 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager(tmp_path, monkeypatc
 
     monkeypatch.setattr(BP, "train_step", train_step_with_a_sync)
     cfg = compose_config(synthetic_overrides("algorithm=bp", "trainer.device=cuda"))
-    run = Run(cfg, tmp_path)
+    run = Run(cfg, tmp_path).setup()
     summary = run.fit()
     assert summary["status"] == "completed" and run.graphed.replays == 0
     assert "could not be captured" in caplog.text

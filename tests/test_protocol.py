@@ -102,22 +102,22 @@ def test_validation_images_never_appear_in_training_batches():
 
 @pytest.mark.parametrize("overrides", [["seed=1"], ["seed=2", "algorithm=dfa"]])
 def test_every_run_seed_and_rule_validates_on_the_same_images(overrides):
-    base = Run(compose_config(synthetic_overrides("trainer.epochs=1")), "/tmp/unused-a")
+    base = Run(compose_config(synthetic_overrides("trainer.epochs=1")), "/tmp/unused-a").setup()
     other = Run(
         compose_config(synthetic_overrides("trainer.epochs=1", *overrides)), "/tmp/unused-b"
-    )
+    ).setup()
     assert torch.equal(base.data.val_x, other.data.val_x)
     moved = Run(
         compose_config(synthetic_overrides("trainer.epochs=1", "dataset.split_seed=1")),
         "/tmp/unused-c",
-    )
+    ).setup()
     assert not torch.equal(base.data.val_x, moved.data.val_x)
 
 
 def test_records_carry_val_and_the_summary_selects_on_it(tmp_path):
     cfg = compose_config(synthetic_overrides("algorithm=dfa", "trainer.epochs=4", "model.width=32"))
     summary = train(cfg, tmp_path)
-    evaluations = [r for r in Run(cfg, tmp_path).records if "test/acc" in r]
+    evaluations = [r for r in Run(cfg, tmp_path).setup().records if "test/acc" in r]
     assert all({"val/loss", "val/acc"} <= set(r) for r in evaluations)
     assert {k: summary[k] for k in ("best/val/acc", "best/epoch", "selected/test/acc")} == (
         select_epoch(evaluations)
@@ -130,7 +130,7 @@ def test_best_checkpoint_reloads_to_the_weights_that_scored_best_val(tmp_path):
     overrides = ["algorithm=fdfa", "model.width=32", "+dataset.noise=2.5", "optimizer.lr=3e-2"]
     cfg = compose_config(synthetic_overrides("trainer.epochs=5", *overrides))
     summary = train(cfg, tmp_path / "run")
-    last = [r for r in Run(cfg, tmp_path / "run").records if "val/acc" in r][-1]
+    last = [r for r in Run(cfg, tmp_path / "run").setup().records if "val/acc" in r][-1]
     assert summary["best/epoch"] < 5
     assert (last["val/acc"], last["test/acc"]) != (
         summary["best/val/acc"],
@@ -138,7 +138,7 @@ def test_best_checkpoint_reloads_to_the_weights_that_scored_best_val(tmp_path):
     )  # so the last epoch's weights would fail the check below
     best = checkpoint.load(tmp_path / "run" / "best.ckpt")
     assert best["record"]["epoch"] == summary["best/epoch"]
-    fresh = Run(compose_config(synthetic_overrides(*overrides)), tmp_path / "fresh")
+    fresh = Run(compose_config(synthetic_overrides(*overrides)), tmp_path / "fresh").setup()
     fresh.rule.load_state_dict(best["rule"])
     scores = evaluate(fresh.model, fresh.data)
     assert scores["val/acc"] == summary["best/val/acc"]

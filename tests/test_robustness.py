@@ -391,7 +391,7 @@ def test_cli_corrupt_archive_offline_is_one_line_and_in_run_log(tmp_path):
 )
 def test_values_that_used_to_pass_validation_then_crash(tmp_path, override, message):
     with pytest.raises(FdfaError) as err:
-        Run(compose_config(synthetic_overrides(override)), tmp_path)
+        Run(compose_config(synthetic_overrides(override)), tmp_path).setup()
     assert message in str(err.value)
 
 

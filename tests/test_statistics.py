@@ -333,7 +333,7 @@ def test_dkp_feedback_tracks_the_output_weights(tmp_path):
             "model.width=64",
         )
     )
-    run = Run(cfg, tmp_path)
+    run = Run(cfg, tmp_path).setup()
     assert all(torch.count_nonzero(b) == 0 for b in run.rule.feedback)
     initial = cos(run.rule.feedback[-1].detach(), run.model.head.weight.detach())
     summary = run.fit()
@@ -372,7 +372,7 @@ def test_update_error_ordering_and_its_bias_and_variance_on_mnist(mnist_root, tm
             "metrics.every_n_steps=null",
         ]
     )
-    run = Run(cfg, tmp_path)
+    run = Run(cfg, tmp_path).setup()
     run.fit()
     model = run.model.train()
     feedback = copy.deepcopy(run.rule.feedback.state_dict())

@@ -75,7 +75,7 @@ def test_cli_corrupt_checkpoint(tmp_path):
 )
 def test_bad_values_in_process(tmp_path, override, message):
     with pytest.raises(FdfaError) as err:
-        Run(compose_config(synthetic_overrides("algorithm=fdfa", override)), tmp_path)
+        Run(compose_config(synthetic_overrides("algorithm=fdfa", override)), tmp_path).setup()
     assert message in str(err.value)
     assert not (tmp_path / "summary.json").exists()
 

@@ -21,14 +21,12 @@ import torch
 from fdfa.rules.base import (
     DirectFeedbackRule,
     FeedbackAdam,
-    OptionError,
     StepOutput,
-    check_n_directions,
-    check_perturbation,
     draw_block_perturbations,
     dual_forward,
     perturbed_forward,
 )
+from fdfa.validate import check_options
 
 
 class FDFA(DirectFeedbackRule):
@@ -45,16 +43,13 @@ class FDFA(DirectFeedbackRule):
         n_directions: int = 1,
         perturbation: str = "gaussian",
     ):
+        check_options("algorithm", locals())
         super().__init__(model, init=feedback_init)
-        if feedback_update not in ("ema", "adam"):
-            raise OptionError(
-                f"algorithm.feedback_update must be 'ema' or 'adam', got {feedback_update!r}"
-            )
         self.feedback_update = feedback_update
         self.momentum = float(momentum)
         self.feedback_decay = float(feedback_decay)
-        self.n_directions = check_n_directions(n_directions)
-        self.perturbation = check_perturbation(perturbation)
+        self.n_directions = n_directions
+        self.perturbation = perturbation
         self.shapes = [tuple(b.shape[1:]) for b in self.feedback]  # h_l's per-sample shapes
         self.feedback_optimizer = None
         if feedback_update == "adam":

@@ -30,13 +30,11 @@ import torch
 from fdfa.models import hidden_shapes
 from fdfa.rules.base import (
     LearningRule,
-    OptionError,
     StepOutput,
-    check_n_directions,
-    check_perturbation,
     draw_block_perturbations,
 )
 from fdfa.rules.base import perturbed_forward as _perturbed_forward
+from fdfa.validate import check_options
 
 
 class FGA(LearningRule):
@@ -45,12 +43,11 @@ class FGA(LearningRule):
     def __init__(
         self, model, n_directions: int = 1, per_sample: bool = True, perturbation: str = "gaussian"
     ):
+        check_options("algorithm", locals())
         super().__init__(model)
-        self.n_directions = check_n_directions(n_directions)
-        self.perturbation = check_perturbation(perturbation)
+        self.n_directions = n_directions
+        self.perturbation = perturbation
         self.shapes = hidden_shapes(model)  # h_l's per-sample shapes
-        if not isinstance(per_sample, bool):
-            raise OptionError(f"algorithm.per_sample must be true or false, got {per_sample!r}")
         self.per_sample = per_sample
 
     def draw_perturbations(self, batch_size: int):

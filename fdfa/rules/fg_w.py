@@ -24,19 +24,19 @@ from fdfa.rules.base import (
     LearningRule,
     StepOutput,
     batch_statistics_only,
-    check_n_directions,
-    check_perturbation,
 )
 from fdfa.rules.perturbation import draw
+from fdfa.validate import check_options
 
 
 class FGW(LearningRule):
     forward_mode = True
 
     def __init__(self, model, n_directions: int = 1, perturbation: str = "gaussian"):
+        check_options("algorithm", locals())
         super().__init__(model)
-        self.n_directions = check_n_directions(n_directions)
-        self.perturbation = check_perturbation(perturbation)
+        self.n_directions = n_directions
+        self.perturbation = perturbation
 
     def draw_directions(self) -> dict[str, torch.Tensor]:
         """v per parameter, stacked over the k directions: name -> [k, *p.shape]; one generator

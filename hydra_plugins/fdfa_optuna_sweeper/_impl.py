@@ -190,9 +190,13 @@ class OptunaSweep:
         )
         log.info(
             "study %r in %s: %d trials on %d workers, each a %s job (logs: %s/workers/)",
-            plan.study_name, printable_url(plan.url), self.n_trials, n_jobs,
-            type(self.launcher).__name__, plan.sweep_dir,
-        )  # fmt: skip
+            plan.study_name,
+            printable_url(plan.url),
+            self.n_trials,
+            n_jobs,
+            type(self.launcher).__name__,
+            plan.sweep_dir,
+        )
         errors, user_errors = [], []
         try:
             returns = self.launcher.launch(worker_jobs(plan, n_jobs), initial_job_idx=0)
@@ -209,8 +213,9 @@ class OptunaSweep:
         self._report(study, plan.sweep_dir, plan.url)
         if user_errors:
             raise user_errors[0]
-        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                    TrialState.PRUNED, TrialState.FAIL))  # fmt: skip
+        finished = study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        )
         done = sum(map(counts, finished))
         if errors and done < self.n_trials:
             raise FdfaError(
@@ -252,9 +257,15 @@ class OptunaSweep:
         )
         log.info(
             "study %r in %s: %d trials, %s %s, sampler %s (seed %s), pruner %s",
-            plan.study_name, printable_url(plan.url), self.n_trials, self.direction,
-            self.objective, type(sampler).__name__, seed, type(pruner).__name__,
-        )  # fmt: skip
+            plan.study_name,
+            printable_url(plan.url),
+            self.n_trials,
+            self.direction,
+            self.objective,
+            type(sampler).__name__,
+            seed,
+            type(pruner).__name__,
+        )
         os.environ["FDFA_WANDB_GROUP"] = plan.study_name  # every trial's W&B run in one group
         self.signals = StopSignals([proc for proc, _ in children])
         try:
@@ -340,8 +351,9 @@ class OptunaSweep:
                 log.warning(
                     "trial %d reported no per-epoch %s: run.py must pass "
                     "callbacks=fdfa.sweep.job_callbacks() to train() for pruning",
-                    trial.number, self.objective,
-                )  # fmt: skip
+                    trial.number,
+                    self.objective,
+                )
             if isinstance(value, (int, float)) and math.isfinite(value):
                 study.tell(trial, float(value))
                 log.info("trial %d complete: %s %.4f", trial.number, self.objective, value)
@@ -465,9 +477,11 @@ class OptunaSweep:
             results.update(best_trial=best.number, best_value=best.value, best_params=best.params)
             log.info(
                 "Best trial %d: %s = %.4f with %s",
-                best.number, self.objective, best.value,
+                best.number,
+                self.objective,
+                best.value,
                 " ".join(f"{k}={override_value(v)}" for k, v in best.params.items()),
-            )  # fmt: skip
+            )
         else:
             log.warning("no trial of study %r completed: no best trial", study.study_name)
         confirm = self._confirm_results(sweep_dir)
@@ -477,9 +491,10 @@ class OptunaSweep:
                 half = confirm["ci95_half_width"]
                 log.info(
                     "confirmation: test acc at best-val epoch %.4f%s over seeds %s",
-                    confirm["mean"], "" if half is None else f" ± {half:.4f} (95% CI)",
+                    confirm["mean"],
+                    "" if half is None else f" ± {half:.4f} (95% CI)",
                     [s for s in confirm["seeds"] if s not in confirm["missing_seeds"]],
-                )  # fmt: skip
+                )
         write_atomic(sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(results))
         if states["complete"]:
             save_plots(study, sweep_dir)

@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from fdfa.errors import FdfaError
+from fdfa.interrupt import SignalHandler
 
 log = logging.getLogger(__name__)
 
@@ -137,20 +138,17 @@ def fail_abandoned(study: optuna.Study, storage, machine: str, grace_period: flo
         hand_back(study, storage, t, reason)
 
 
-class StopSignals:
+class StopSignals(SignalHandler):
     """While entered: SIGTERM and SIGINT set ``received``, are passed on to ``children`` (worker
     processes this one started), and stop a running trial's job by raising ``Preempted`` in it
     (only inside ``job()``, never in the middle of the sweeper's own storage calls). A trainer
     that handles the signal itself ends its job its own way; the sweeper then sees ``received``
     set or the job's ``interrupted`` status and hands the trial back all the same."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self, children=()):
         self.children = children  # a list of Popen; read when a signal comes
         self.received: str | None = None  # the name of the first signal
         self._in_job = False
-        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         first = self.received is None
@@ -170,14 +168,3 @@ class StopSignals:
             yield
         finally:
             self._in_job = False
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()

@@ -4,18 +4,18 @@ and sampled values back as override text."""
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+from fdfa import errors
 from fdfa.errors import FdfaError
 
-
-def one_line(err: BaseException | str, limit: int = 400) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+# Hydra's, Optuna's and the databases' messages explain themselves on later lines: keep them all
+one_line = partial(errors.one_line, limit=400, whole=True)
 
 
 def quote(value: str) -> str:

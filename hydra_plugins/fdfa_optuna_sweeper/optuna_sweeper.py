@@ -1,12 +1,10 @@
 """The Hydra-facing sweeper class; the work is in _impl.py, imported only when a sweep starts.
 
-The one place where the sweeper's user errors (``FdfaError``) become one line on stderr and exit
-code 2 (a worker stopped by SIGTERM: 143), instead of Hydra's traceback report."""
+The sweeper's user errors (``FdfaError``) become one line on stderr and exit code 2 (a worker
+stopped by SIGTERM: 143) through fdfa.errors.user_errors, instead of Hydra's traceback report."""
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
@@ -14,16 +12,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 import hydra_plugins.fdfa_optuna_sweeper.config  # noqa: F401  (registers the configs)
-from fdfa.errors import FdfaError
-
-
-@contextlib.contextmanager
-def user_errors():
-    try:
-        yield
-    except FdfaError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", 2))
+from fdfa.errors import user_errors
 
 
 class FdfaOptunaSweeper(Sweeper):

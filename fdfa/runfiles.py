@@ -1,0 +1,62 @@
+"""The files of one run dir, and the one place that writes them (through fdfa/checkpoint.py's
+atomic writes, so a crash, a signal or a full disk never leaves a torn file behind):
+
+- ``metrics.jsonl``: one JSON record a line, appended as training goes; rewritten whole from the
+  checkpoint's records on resume (a torn last line is dropped with the steps after last.ckpt).
+- ``summary.json``: the run's totals and status, written when it ends (also when interrupted).
+- ``last.ckpt``: everything needed to continue exactly where the run stopped.
+- ``best.ckpt``: the model and rule state of the selected epoch.
+- ``.hydra/``: the run's config (config.yaml, hydra.yaml, overrides.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fdfa import checkpoint
+from fdfa.errors import is_disk_full
+
+
+class RunFiles:
+    def __init__(self, out_dir: str | Path):
+        self.dir = Path(out_dir)
+        self.metrics = self.dir / "metrics.jsonl"
+        self.summary = self.dir / "summary.json"
+        self.last = self.dir / "last.ckpt"
+        self.best = self.dir / "best.ckpt"
+        self.config = self.dir / ".hydra" / "config.yaml"
+
+    def create(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def record_config(self, files: dict[str, str]) -> None:
+        """``.hydra/<name>`` for each name -> text (once the run dir is accepted as this run's)."""
+        for name, text in files.items():
+            self.config.parent.mkdir(exist_ok=True)
+            checkpoint.write_text_atomic(self.config.parent / name, text)
+
+    def write_records(self, records: list[dict]) -> None:
+        """metrics.jsonl holding exactly ``records`` (none: a fresh start)."""
+        checkpoint.write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
+
+    def append_record(self, record: dict) -> None:
+        try:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a torn last line is rewritten from last.ckpt on resume
+            if is_disk_full(err):
+                raise checkpoint.disk_full(self.dir, self.metrics.name) from None
+            raise
+
+    def write_summary(self, summary: dict) -> None:
+        checkpoint.write_text_atomic(self.summary, json.dumps(summary, indent=2) + "\n")
+
+    def remove_summary(self) -> None:
+        self.summary.unlink(missing_ok=True)
+
+    def save_last(self, state: dict) -> None:
+        checkpoint.save_atomic(state, self.last)
+
+    def save_best(self, state: dict) -> None:
+        checkpoint.save_atomic(state, self.best)
