@@ -20,6 +20,7 @@ from hydra.types import RunMode
 
 from fdfa.errors import FdfaError, one_line
 from fdfa.sweep import job_kind
+from fdfa.validate import check_options
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,7 @@ class WandbLogger:
                 f"logger.wandb.mode must be one of {', '.join(WANDB_MODES[:4])}, got {mode!r} "
                 "(it defaults to $WANDB_MODE, else offline)"
             )
-        if not (isinstance(init_timeout, int | float) and 0 < init_timeout < float("inf")):
-            raise FdfaError(
-                f"logger.wandb.init_timeout must be a positive number of seconds, got "
-                f"{init_timeout!r}; e.g. logger.wandb.init_timeout=30"
-            )
+        check_options("logger.wandb", {"init_timeout": init_timeout})
         self.run = None
         self._first_new_step = 0  # records before this step are in the W&B run already
         run_config, kind = dict(run_config or {}), job_kind()

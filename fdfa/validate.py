@@ -118,6 +118,7 @@ CHECKS = {
     "metrics.every_n_steps": integer(1, 1000, null=True, note=" (null turns the metrics off)"),
     "metrics.jacobian_metrics": BOOLEAN,
     "metrics.jacobian_chunk_mb": number(32),
+    "logger.wandb.init_timeout": number(30),
 }
 
 
