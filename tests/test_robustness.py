@@ -24,8 +24,7 @@ from fdfa.data import TorchvisionData
 from fdfa.errors import DiskFullError, FdfaError, Interrupted
 from fdfa.rules import FDFA
 from fdfa.train import Run, train
-from tests.conftest import SHARED_DATA
-from tests.helpers import REPO, compose_config, run_cli, synthetic_overrides
+from tests.helpers import REPO, compose_config, mnist_raw, run_cli, synthetic_overrides
 
 
 def records(run_dir):
@@ -297,7 +296,7 @@ def test_disk_full_on_a_real_tmpfs_is_one_line_and_loses_nothing(tmp_path):
 
 # ---- 7. data that lies --------------------------------------------------------------------
 
-MNIST_RAW = SHARED_DATA / "MNIST" / "raw"
+MNIST_RAW = mnist_raw()
 needs_mnist = pytest.mark.skipif(not MNIST_RAW.is_dir(), reason=f"real MNIST not at {MNIST_RAW}")
 
 
