@@ -1,5 +1,5 @@
-"""Small things the tests build on: a learnable synthetic dataset, a user-defined model, config
-composition with the Hydra API."""
+"""Small things the tests build on: where the real MNIST is, a learnable synthetic dataset, small
+nets and batches, a user-defined model, config composition with the Hydra API."""
 
 from __future__ import annotations
 
@@ -15,10 +15,32 @@ from torch import nn
 from torch.func import replace_all_batch_norm_modules_
 
 from fdfa.data import TensorData
-from fdfa.models import BlockNet
+from fdfa.models import BlockNet, FCNet, ShallowCNN
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+
+
+def mnist_raw() -> Path:
+    """The real MNIST archives (<data root>/MNIST/raw/*.gz), read-only: tests link them into
+    their own dirs and never write beside them. The data root is $FDFA_DATA_ROOT, else
+    ../shared/data beside the checkout."""
+    root = os.environ.get("FDFA_DATA_ROOT") or REPO.parent / "shared" / "data"
+    return Path(root) / "MNIST" / "raw"
+
+
+# Small nets the rule, metric and CUDA tests step on, and their input shapes.
+NETS = {
+    "fc": lambda: FCNet((1, 8, 8), 10, n_layers=3, width=32),
+    "cnn": lambda: ShallowCNN((1, 16, 16), 10, channels=(4, 6), kernel_size=3, hidden=12),
+}
+SHAPES = {"fc": (1, 8, 8), "cnn": (1, 16, 16)}
+
+
+def make_batch(shape=(1, 8, 8), n=16, classes=10, seed=0):
+    """n random inputs of ``shape`` and labels in [0, classes), the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
 class PrototypeData(TensorData):

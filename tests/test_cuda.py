@@ -15,8 +15,7 @@ import torch
 from fdfa.rules import BP, DFA, DKP, FDFA
 from fdfa.rules.base import dual_forward, perturbed_forward
 from fdfa.train import Run, train
-from tests.helpers import compose_config, synthetic_overrides
-from tests.test_rules import NETS, SHAPES, make_batch
+from tests.helpers import NETS, SHAPES, compose_config, make_batch, synthetic_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 

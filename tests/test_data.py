@@ -1,4 +1,5 @@
-"""Data paths: real MNIST from ../shared/data, CIFAR shapes through a stand-in torchvision class."""
+"""Data paths: real MNIST from $FDFA_DATA_ROOT (default ../shared/data), CIFAR shapes through a
+stand-in torchvision class."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,14 @@ import torchvision
 
 from fdfa.data import TorchvisionData
 from fdfa.train import train
-from tests.helpers import compose_config
+from tests.helpers import REPO, compose_config, mnist_raw
+
+
+def test_the_tests_find_real_mnist_under_fdfa_data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("FDFA_DATA_ROOT", str(tmp_path))
+    assert mnist_raw() == tmp_path / "MNIST" / "raw"
+    monkeypatch.delenv("FDFA_DATA_ROOT")
+    assert mnist_raw() == REPO.parent / "shared" / "data" / "MNIST" / "raw"
 
 
 def test_real_mnist_loads_as_uint8_tensors(mnist_root):

@@ -14,18 +14,20 @@ from fdfa.models import FCNet, ShallowCNN
 from fdfa.rules import BP, DFA, DKP, FDFA, FGA, FGW
 from fdfa.rules.base import perturbed_forward
 from fdfa.train import train
-from tests.helpers import compose_config, logits_given_offsets, run_cli, synthetic_overrides
+from tests.helpers import (
+    compose_config,
+    logits_given_offsets,
+    make_batch,
+    run_cli,
+    synthetic_overrides,
+)
 
-NETS = {
+# smaller than tests/helpers.py's NETS: forward-mode checks run many directions on each
+SMALL_NETS = {
     "fc": lambda: FCNet((1, 8, 8), 10, n_layers=2, width=12),
     "cnn": lambda: ShallowCNN((1, 12, 12), 10, channels=(3, 4), kernel_size=3, hidden=8),
 }
-
-
-def make_batch(net, n=16, seed=0):
-    shape = (1, 8, 8) if net == "fc" else (1, 12, 12)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+SMALL_SHAPES = {"fc": (1, 8, 8), "cnn": (1, 12, 12)}
 
 
 def batch_stats_copy(model):
@@ -43,13 +45,13 @@ def test_forward_mode_flag():
 # --- FG-W -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("net", SMALL_NETS)
 def test_fg_w_directional_derivatives_are_jvps_of_the_loss(net):
     """d_i = dL/dθ · v_i, checked against torch.func.jvp; the batched k = 3 pass (vmap) and the
     single dual-tensor pass agree direction by direction."""
     torch.manual_seed(0)
-    model = NETS[net]()
-    x, y = make_batch(net)
+    model = SMALL_NETS[net]()
+    x, y = make_batch(SMALL_SHAPES[net])
     rule = FGW(model, n_directions=3)
     directions = rule.draw_directions()
     loss, logits, d = rule.directional_derivatives(x, y, directions)
@@ -73,8 +75,8 @@ def test_fg_w_directional_derivatives_are_jvps_of_the_loss(net):
 @pytest.mark.parametrize("k", [1, 3])
 def test_fg_w_update_is_the_mean_of_d_times_v_for_every_parameter(k):
     torch.manual_seed(1)
-    model = NETS["fc"]()
-    x, y = make_batch("fc")
+    model = SMALL_NETS["fc"]()
+    x, y = make_batch(SMALL_SHAPES["fc"])
     rule = FGW(model, n_directions=k)
     state = torch.random.get_rng_state()
     directions = rule.draw_directions()  # replay the step's draws
@@ -91,13 +93,13 @@ def test_fg_w_update_is_the_mean_of_d_times_v_for_every_parameter(k):
 # --- FG-A -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("net", SMALL_NETS)
 def test_perturbed_forward_tangents_are_sums_of_jvps(net):
     """t[i] = sum_l J_l u_l[i], checked with torch.func.jvp; k = 3 (vmap) equals k = 1 (dual
     tensors) direction by direction, and both return the plain forward's logits."""
     torch.manual_seed(2)
-    model = NETS[net]()
-    x, _ = make_batch(net)
+    model = SMALL_NETS[net]()
+    x, _ = make_batch(SMALL_SHAPES[net])
     hs, us, logits, t = perturbed_forward(model, x, 3)
     assert t.shape == (3, len(x), 10) and [u.shape[:2] for u in us] == [(3, len(x))] * len(hs)
 
@@ -132,13 +134,13 @@ def local_reference_grads(model, injected, x, y):
     return ref
 
 
-@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("net", SMALL_NETS)
 @pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("k", [1, 3])
 def test_fg_a_injects_d_times_u_and_backpropagates_inside_each_block(net, per_sample, k):
     torch.manual_seed(3)
-    model = NETS[net]()
-    x, y = make_batch(net)
+    model = SMALL_NETS[net]()
+    x, y = make_batch(SMALL_SHAPES[net])
     rule = FGA(model, n_directions=k, per_sample=per_sample)
     state = torch.random.get_rng_state()
     _, us, logits, t = rule.perturbed_forward(x)  # replay the step's draws
@@ -161,13 +163,13 @@ def test_fg_a_injects_d_times_u_and_backpropagates_inside_each_block(net, per_sa
 # --- BatchNorm bookkeeping ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("net", SMALL_NETS)
 @pytest.mark.parametrize("rule_cls", [FGW, FGA, FDFA])
 @pytest.mark.parametrize("k", [1, 3])
 def test_a_step_updates_batchnorm_buffers_exactly_once(rule_cls, k, net):
     torch.manual_seed(4)
-    model = NETS[net]()
-    x, y = make_batch(net)
+    model = SMALL_NETS[net]()
+    x, y = make_batch(SMALL_SHAPES[net])
     plain = copy.deepcopy(model)
     plain(x)  # what one ordinary training forward does to the buffers
     rule_cls(model, n_directions=k).train_step(x, y)
@@ -187,8 +189,8 @@ def test_a_step_updates_batchnorm_buffers_exactly_once(rule_cls, k, net):
 
 def test_fdfa_n_directions_averages_the_jacobian_estimates():
     torch.manual_seed(5)
-    model = NETS["cnn"]()
-    x, y = make_batch("cnn")
+    model = SMALL_NETS["cnn"]()
+    x, y = make_batch(SMALL_SHAPES["cnn"])
     one = copy.deepcopy(model)
     rule = FDFA(model, feedback_update="ema", momentum=0.0, n_directions=3)
     state = torch.random.get_rng_state()
@@ -205,9 +207,9 @@ def test_fdfa_n_directions_averages_the_jacobian_estimates():
 
 def test_fdfa_feedback_init():
     torch.manual_seed(6)
-    zeros = FDFA(NETS["fc"]())
+    zeros = FDFA(SMALL_NETS["fc"]())
     assert all(torch.count_nonzero(b) == 0 for b in zeros.feedback)
-    kaiming = FDFA(NETS["fc"](), feedback_init="kaiming")
+    kaiming = FDFA(SMALL_NETS["fc"](), feedback_init="kaiming")
     bound = (6 / 12) ** 0.5  # kaiming-uniform over 12 units: gain sqrt(2) * sqrt(3 / fan_in)
     for b in kaiming.feedback:
         assert 0.9 * bound < b.abs().max() <= bound
@@ -226,7 +228,7 @@ def test_fdfa_feedback_init():
 )
 def test_bad_options_raise_one_clear_error(make, key):
     with pytest.raises(FdfaError, match=key) as info:
-        make(NETS["fc"]())
+        make(SMALL_NETS["fc"]())
     assert "\n" not in str(info.value)
 
 

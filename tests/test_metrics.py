@@ -21,25 +21,15 @@ from fdfa.metrics import (
     output_jacobians,
     side_forward,
 )
-from fdfa.models import FCNet, ShallowCNN
+from fdfa.models import FCNet
 from fdfa.rules import BP, DFA, DKP, FDFA, FGA, FGW
 from fdfa.train import train
-from tests.helpers import CONF, compose_config, synthetic_overrides
+from tests.helpers import CONF, NETS, SHAPES, compose_config, make_batch, synthetic_overrides
 
-NETS = {
-    "fc": lambda: FCNet((1, 8, 8), 10, n_layers=3, width=32),
-    "cnn": lambda: ShallowCNN((1, 16, 16), 10, channels=(4, 6), kernel_size=3, hidden=12),
-}
-SHAPES = {"fc": (1, 8, 8), "cnn": (1, 16, 16)}
 NAMES = {"fc": ["fc1", "fc2", "fc3"], "cnn": ["conv1", "conv2", "fc3"]}
 # |1 - cos| <= 1e-5 bounds the angle by acos(1 - 1e-5) = 0.256 degrees.
 COS_TOL = 1e-5
 ANGLE_TOL = math.degrees(math.acos(1 - COS_TOL))
-
-
-def make_batch(shape, n=16, classes=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
 def stepped(rule_cls, net, seed=0, **kw):

@@ -15,14 +15,14 @@ from fdfa.models import FCNet
 from fdfa.rules import FDFA, FGA, FGW
 from fdfa.rules.base import perturbed_forward
 from fdfa.rules.perturbation import draw
-from tests.test_statistics import (
+from tests.ground_truth import (
     assert_mean_within_its_noise,
     assert_one_over_sqrt_law,
     cos,
     estimate,
-    make_batch,
     output_jacobians,
     per_sample_jacobian,
+    tiny_batch,
     tiny_net,
     true_gradient,
 )
@@ -55,7 +55,7 @@ def test_rademacher_draws_are_independent_fair_signs():
 def test_a_step_draws_what_the_replay_draws(kind):
     """The rules draw every block at once; perturbed_forward with the same seed replays exactly
     those numbers (what the statistics tests rely on)."""
-    model, (x, _) = tiny_net(1), make_batch(1)
+    model, (x, _) = tiny_net(1), tiny_batch(1)
     rule = FDFA(model, n_directions=3, perturbation=kind)
     torch.manual_seed(1)
     drawn = rule.draw_perturbations(len(x))
@@ -70,13 +70,13 @@ def test_fdfa_rademacher_jacobian_estimate_is_unbiased(net):
     batch-averaged J_l (within the mean's own noise), and the 1/sqrt(M) law, which a bias would
     break."""
     if net == "fc":
-        model, (x, _) = tiny_net(4), make_batch(4)
+        model, (x, _) = tiny_net(4), tiny_batch(4)
     else:
         from fdfa.models import ShallowCNN
 
         torch.manual_seed(4)
         model = ShallowCNN((1, 12, 12), 3, channels=(2, 3), kernel_size=3, hidden=4)
-        x, _ = make_batch(4, shape=(1, 12, 12))
+        x, _ = tiny_batch(4, shape=(1, 12, 12))
     y = torch.zeros(len(x), dtype=torch.long)
     targets = [per_sample_jacobian(j) for j in output_jacobians(model, x)]
     kw = {"feedback_update": "ema", "momentum": 0.0, "perturbation": "rademacher"}
@@ -100,7 +100,7 @@ def test_rademacher_forward_gradients_are_unbiased(rule):
     (expected relative error of the mean ~0.07, cos >= 0.997) and FG-W (sqrt((P - 1) / K) = 0.074
     for P = 91); a bias as large as the noise of 256 estimates would push cos below 0.99."""
     model = tiny_net(2)
-    x, y = make_batch(2)
+    x, y = tiny_batch(2)
     g = true_gradient(model, x, y)
     if rule == "fg_a":
         r = FGA(model, n_directions=K, per_sample=False, perturbation="rademacher")
@@ -123,7 +123,7 @@ def test_fdfa_rademacher_variance_is_the_gaussian_one_less_the_diagonal_terms():
     over K single estimates with a standard error of 0.5-0.9% of it (measured: 0.996-1.001 of the
     prediction); within 5% is >= 5.5 standard errors, and the gaps are 26 and 15 standard errors
     of the difference (10 asserted)."""
-    model, (x, _) = tiny_net(4), make_batch(4)
+    model, (x, _) = tiny_net(4), tiny_batch(4)
     n = len(x)
     jac = output_jacobians(model, x)  # J_l of shape [N, C, N, D_l]
     all_sq = sum(j.square().flatten(2).sum(-1) for j in jac).sum()  # sum_nc |a_nc|^2

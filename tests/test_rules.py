@@ -7,24 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp
 
-from fdfa.models import FCNet, ShallowCNN
+from fdfa.models import ShallowCNN
 from fdfa.rules import BP, DFA, DKP, FDFA
 from fdfa.rules.base import FeedbackAdam, project_error
-from tests.helpers import logits_given_offsets
+from tests.helpers import NETS, SHAPES, logits_given_offsets, make_batch
 
 torch.set_default_dtype(torch.float32)
-
-
-def make_batch(shape=(1, 8, 8), n=16, classes=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
-
-
-NETS = {
-    "fc": lambda: FCNet((1, 8, 8), 10, n_layers=3, width=32),
-    "cnn": lambda: ShallowCNN((1, 16, 16), 10, channels=(4, 6), kernel_size=3, hidden=12),
-}
-SHAPES = {"fc": (1, 8, 8), "cnn": (1, 16, 16)}
 
 
 def grads(model):

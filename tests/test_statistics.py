@@ -10,115 +10,27 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import jacrev, replace_all_batch_norm_modules_
 
 from fdfa.metrics import AlignmentMetrics, block_names, first_weight_layer
 from fdfa.models import FCNet, ShallowCNN
 from fdfa.rules import BP, DFA, FDFA, FGA, FGW
 from fdfa.rules.base import perturbed_forward
 from fdfa.train import Run
+from tests.ground_truth import (
+    CLASSES,
+    assert_mean_within_its_noise,
+    assert_one_over_sqrt_law,
+    cos,
+    dl_dlogits,
+    estimate,
+    group_mse,
+    output_jacobians,
+    per_sample_jacobian,
+    tiny_batch,
+    tiny_net,
+    true_gradient,
+)
 from tests.helpers import compose_config, synthetic_overrides
-
-N, CLASSES = 8, 3  # batch and classes of the tiny nets
-
-
-def tiny_net(seed=0):
-    """FC 9-4-4-3 with BatchNorm: 91 parameters, small enough for exact Jacobians."""
-    torch.manual_seed(seed)
-    return FCNet((1, 3, 3), CLASSES, n_layers=2, width=4)
-
-
-def make_batch(seed=0, n=N, shape=(1, 3, 3)):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
-
-
-def flat_grad(model):
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-def true_gradient(model, x, y):
-    m = copy.deepcopy(model)
-    m.zero_grad(set_to_none=True)
-    F.cross_entropy(m(x), y).backward()
-    return flat_grad(m)
-
-
-def estimate(rule, x, y):
-    rule.model.zero_grad(set_to_none=True)
-    rule.train_step(x, y)
-    return flat_grad(rule.model)
-
-
-def cos(a, b):
-    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
-
-
-def output_jacobians(model, x):
-    """J[l] of shape [N, classes, N, D_l]: d logits[n] / d h_l[m], BatchNorm on batch statistics."""
-    ref = copy.deepcopy(model)
-    if ref.training:
-        replace_all_batch_norm_modules_(ref)  # same batch statistics, no buffer updates
-    with torch.no_grad():
-        hs, h = [], x
-        for block in ref.blocks:
-            h = block(h)
-            hs.append(h)
-    jacobians = []
-    for block_index, h_l in enumerate(hs):
-
-        def logits_given(offset, at=block_index):
-            h = x
-            for i, block in enumerate(ref.blocks):
-                h = block(h) + offset if i == at else block(h)
-            return ref.head(h)
-
-        j = jacrev(logits_given)(torch.zeros_like(h_l))
-        jacobians.append(j.reshape(len(x), CLASSES, len(x), -1))
-    return jacobians
-
-
-def per_sample_jacobian(j):
-    """[classes, D]: mean over n of d logits[n] / d h_l[n] (what FDFA's Ĵ_l estimates)."""
-    return torch.diagonal(j, dim1=0, dim2=2).mean(-1)
-
-
-def dl_dlogits(model, x, y):
-    """e = dL/dlogits for the batch-mean cross-entropy."""
-    with torch.no_grad():
-        logits = copy.deepcopy(model)(x)
-    return (logits.softmax(1) - F.one_hot(y, CLASSES).float()) / len(y)
-
-
-def group_mse(samples, truth, m):
-    """Mean over disjoint groups of m samples of |group mean - truth|^2."""
-    groups = samples.reshape(-1, m, *samples.shape[1:]).mean(1)
-    return (groups - truth).flatten(1).square().sum(1).mean().item()
-
-
-def assert_mean_within_its_noise(mean, singles, target, label):
-    """The mean of K unbiased estimates is off by |e|^2 = MSE_1 / K in expectation, i.e. a
-    relative squared error e^2 = MSE_1 / (K |target|^2); the sum over many coordinates rarely
-    exceeds 3x its expectation. A bias b adds |b|^2 that does not shrink with K (a rescaled
-    estimate fails the first bound, which the cosine alone would not see). The cosine then
-    satisfies cos >= 1 / sqrt(1 + 2 e^2) with room for chance."""
-    e2 = group_mse(singles, target, 1) / (len(singles) * target.square().sum().item())
-    error = ((mean - target).square().sum() / target.square().sum()).item()
-    assert error < 3 * e2, f"{label}: relative squared error {error:.3g}, e^2 = {e2:.3g}"
-    assert cos(mean, target) >= (1 + 2 * e2) ** -0.5, f"{label}: e^2 = {e2:.3g}"
-
-
-def assert_one_over_sqrt_law(singles, target, label):
-    """Unbiased => M * MSE_M = tr(Cov) = MSE_1 for every group size M (the 1/sqrt(M) law).
-
-    Over the K/M groups the ratio's standard error is <= 0.04 at M = 16 and <= 0.09 at M = 256
-    (measured; fewest dof in FDFA's 3-unit CNN block), so [0.6, 1.6] is >= 4.4 standard errors;
-    a bias b adds M |b|^2 / MSE_1 and fails at large M."""
-    mse_1 = group_mse(singles, target, 1)
-    for m in (16, 256):
-        ratio = m * group_mse(singles, target, m) / mse_1
-        assert 0.6 < ratio < 1.6, f"{label}, M={m}: M * MSE_M / MSE_1 = {ratio:.3f}"
-
 
 # --- FG-W -----------------------------------------------------------------------------------------
 
@@ -129,7 +41,7 @@ def test_fg_w_mse_is_exactly_the_gaussian_forward_gradient_law():
     MSE_M = (P + 1)|g|^2 / M, the 1/sqrt(M) law of the error. A bias b would add |b|^2 and break
     the law at large M. K = 16384 directions from one batched pass, cut into K/M groups of M."""
     model = tiny_net()
-    x, y = make_batch()
+    x, y = tiny_batch()
     g = true_gradient(model, x, y)
     law = (g.numel() + 1) * g.square().sum().item()
     rule = FGW(model, n_directions=16384)
@@ -151,7 +63,7 @@ def test_fg_w_mean_of_many_estimates_is_the_gradient():
     K = 16384, i.e. cos >= 0.997; 0.99 leaves room for chance, not for a bias."""
     for mode in ("train", "eval"):  # batch statistics (samples interact) and running statistics
         model = tiny_net(1).train(mode == "train")
-        x, y = make_batch(1)
+        x, y = tiny_batch(1)
         g = true_gradient(model, x, y)
         assert cos(estimate(FGW(model, n_directions=16384), x, y), g) >= 0.99, mode
 
@@ -169,7 +81,7 @@ def test_fg_a_mean_of_many_estimates_is_the_gradient(per_sample, mode):
     (per_sample, eval) to 0.07 (one d for the batch, train), i.e. cos >= 0.997; a bias as large as
     the noise of 256 samples would already push it below 0.99."""
     model = tiny_net(2).train(mode == "train")
-    x, y = make_batch(2)
+    x, y = tiny_batch(2)
     g = true_gradient(model, x, y)
     got = estimate(FGA(model, n_directions=16384, per_sample=per_sample), x, y)
     assert cos(got, g) >= 0.99
@@ -183,7 +95,7 @@ def test_fg_a_activity_estimates_are_unbiased_and_shrink_like_one_over_sqrt_samp
     (BatchNorm couples the samples). per_sample=False targets the exact dL/dh_l = sum_m e_m J_ml;
     per_sample=True targets sample n's own path e_n J_nn (its documented meaning under BN)."""
     model = tiny_net(3)
-    x, y = make_batch(3)
+    x, y = tiny_batch(3)
     e = dl_dlogits(model, x, y)
     jac = output_jacobians(model, x)
     k = 16384
@@ -210,7 +122,7 @@ def test_fg_a_per_sample_under_batchnorm_misses_the_cross_sample_paths():
     """The documented bias of per_sample=True in training mode: its target e_n J_nn differs from
     the exact gradient (that is why its unbiasedness is checked against e_n J_nn above)."""
     model = tiny_net(3)
-    x, y = make_batch(3)
+    x, y = tiny_batch(3)
     e = dl_dlogits(model, x, y)
     j = output_jacobians(model, x)[0]
     own = torch.einsum("nc,cdn->nd", e, torch.diagonal(j, dim1=0, dim2=2))
@@ -234,11 +146,11 @@ def test_fdfa_jacobian_estimate_is_unbiased(net):
     coordinates exceeds 3x its mean with probability < 0.1%; measured 0.7-1.6 e^2), which a bias,
     even a pure rescaling that leaves the cosine alone, breaks; and the 1/sqrt(M) law."""
     if net == "fc":
-        model, (x, _) = tiny_net(4), make_batch(4)
+        model, (x, _) = tiny_net(4), tiny_batch(4)
     else:
         torch.manual_seed(4)
         model = ShallowCNN((1, 12, 12), CLASSES, channels=(2, 3), kernel_size=3, hidden=4)
-        x, _ = make_batch(4, shape=(1, 12, 12))
+        x, _ = tiny_batch(4, shape=(1, 12, 12))
     y = torch.zeros(len(x), dtype=torch.long)
     targets = [per_sample_jacobian(j) for j in output_jacobians(model, x)]
     k = 16384
@@ -264,7 +176,7 @@ def test_fdfa_ema_feedback_converges_to_the_batch_averaged_jacobian():
     cos >= 0.9 is the issue's. The 4-cycle's EMA weights differ by m^3 = 0.94 at most: the
     target is their mean to within 3%."""
     model = tiny_net(6)
-    batches = [make_batch(10 + i) for i in range(4)]
+    batches = [tiny_batch(10 + i) for i in range(4)]
     target = [0] * len(model.blocks)
     mse_1 = [0] * len(model.blocks)  # one estimate's mean squared error around the target
     for x, _ in batches:

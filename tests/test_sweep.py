@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,68 +28,20 @@ from fdfa.errors import FdfaError
 from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
 from hydra_plugins.fdfa_optuna_sweeper import _space as space
 from hydra_plugins.fdfa_optuna_sweeper import _storage as storage
-from tests.helpers import REPO, PrototypeData, run_cli, synthetic_overrides
+from tests.helpers import REPO, run_cli
+from tests.sweep_helpers import (
+    SLOW,
+    TINY,
+    finished,
+    held_trials,
+    load,
+    queue,
+    sqlite_url,
+    sweep_cli,
+    wait_for,
+)
 
 SWEEPS = REPO / "sweeps"
-TINY = synthetic_overrides("model.width=32", "algorithm=bp", "trainer.epochs=1")
-
-
-class HeldData(PrototypeData):
-    """PrototypeData that, while ``hold_file`` exists, blocks in __init__ after writing
-    ``started_file``: a job the test can catch mid-trial (to kill its worker)."""
-
-    def __init__(self, hold_file=None, started_file=None, delay_s=0.0, **kwargs):
-        if started_file:
-            Path(started_file).touch()
-        while hold_file and Path(hold_file).exists():
-            time.sleep(0.05)
-        time.sleep(delay_s)
-        super().__init__(**kwargs)
-
-
-def sweep_cli(
-    sweep_dir: Path, *extra: str, sweep: str = "lr", popen: bool = False, env: dict | None = None
-):
-    """``python run.py -m sweep=<sweep>`` on the tiny task, its sweep dir and SQLite study in
-    ``sweep_dir``; returns the finished process, or the running Popen with ``popen=True`` (and
-    the extra environment variables ``env``)."""
-    args = ["-m", f"sweep={sweep}", *TINY, f"hydra.sweep.dir={sweep_dir}", *extra]
-    if not popen:
-        return run_cli(args)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "run.py"), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def sqlite_url(sweep_dir: Path) -> str:
-    return f"sqlite:///{sweep_dir / 'optuna.db'}"
-
-
-def load(sweep_dir: Path, name: str = "lr-bp-fc-fake", storage: str | None = None):
-    return optuna.load_study(study_name=name, storage=storage or sqlite_url(sweep_dir))
-
-
-def queue(sweep_dir: Path, *lrs: float, name: str = "lr-bp-fc-fake") -> None:
-    """Create the study as the sweep would, with trials at these forward lrs queued first."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        study_name=name, storage=sqlite_url(sweep_dir), direction="maximize"
-    )
-    for lr in lrs:
-        study.enqueue_trial({"optimizer.lr": lr})
-
-
-def finished(study) -> list:
-    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return [t for t in study.trials if t.state in done]
-
-
 # ------------------------------------------------------------------------- fast, in-process
 
 
@@ -265,8 +216,7 @@ def test_sweep_runs_n_trials_reports_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_started_together_share_one_fresh_study(tmp_path):
-    slow = ["dataset._target_=tests.test_sweep.HeldData", "+dataset.delay_s=0.5"]
-    cmd = ["hydra.sweeper.n_trials=8", *slow]
+    cmd = ["hydra.sweeper.n_trials=8", *SLOW]
     workers = [sweep_cli(tmp_path, *cmd, popen=True) for _ in range(2)]
     outputs = [w.communicate(timeout=240)[0] for w in workers]
     for worker, out in zip(workers, outputs):
@@ -322,19 +272,10 @@ def test_too_many_failures_stop_the_sweep_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_rerun_redoes_the_trial_of_a_killed_worker(tmp_path):
-    hold, started = tmp_path / "hold", tmp_path / "started"
-    hold.touch()
-    held = [
-        "dataset._target_=tests.test_sweep.HeldData",
-        f"+dataset.hold_file={hold}",
-        f"+dataset.started_file={started}",
-    ]
+    hold, started, held = held_trials(tmp_path)
     cmd = ["hydra.sweeper.n_trials=2", *held]
     worker = sweep_cli(tmp_path / "sweep", *cmd, popen=True)
-    deadline = time.time() + 120
-    while not started.exists() and worker.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert started.exists(), worker.communicate()[0]
+    wait_for(started, worker)
     worker.send_signal(signal.SIGKILL)  # trial 0 is left RUNNING
     worker.communicate()
     hold.unlink()
@@ -467,8 +408,7 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url
         "hydra.sweeper.n_trials=6",
         f"hydra.sweeper.storage={postgres_url}",
         "hydra.sweeper.study_name=shared",
-        "dataset._target_=tests.test_sweep.HeldData",
-        "+dataset.delay_s=0.5",
+        *SLOW,
     ]
     workers = [sweep_cli(tmp_path / name, *shared, popen=True) for name in ("a", "b")]
     outputs = [w.communicate(timeout=240)[0] for w in workers]

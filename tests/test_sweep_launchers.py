@@ -26,9 +26,8 @@ from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
 from hydra_plugins.fdfa_optuna_sweeper import _storage as storage
 from hydra_plugins.fdfa_optuna_sweeper._workers import resolve_n_jobs
 from tests.helpers import REPO, PrototypeData
-from tests.test_sweep import TINY, finished, load, sweep_cli
+from tests.sweep_helpers import SLOW, TINY, finish, finished, held_trials, load, sweep_cli, wait_for
 
-SLOW = ["dataset._target_=tests.test_sweep.HeldData", "+dataset.delay_s=0.5"]
 SUBMITIT = "hydra/launcher=submitit_local"
 
 
@@ -60,24 +59,6 @@ def worker_gpus(study) -> dict:
         t.system_attrs[liveness.WORKER_ATTR]["pid"]: t.system_attrs[liveness.WORKER_ATTR]["gpu"]
         for t in study.trials
     }
-
-
-def finish(proc, timeout: float) -> str:
-    """The process's output once it exits; killed (and the test then fails) after ``timeout``."""
-    try:
-        return proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.communicate()[0] + f"\n[killed after {timeout} s]"
-
-
-def wait_for(path: Path, proc, seconds: float = 180) -> None:
-    deadline = time.time() + seconds
-    while not path.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    if not path.exists():
-        proc.kill()
-        pytest.fail(f"{path.name} never appeared: {proc.communicate()[0]}")
 
 
 # ------------------------------------------------------------------------- fast, in-process
@@ -154,12 +135,8 @@ def test_local_workers_each_get_their_gpu(tmp_path):
 
 
 def test_sigterm_hands_the_running_trial_back_at_once(tmp_path):
-    hold, started = tmp_path / "hold", tmp_path / "started"
-    hold.touch()
-    held = [
-        "dataset._target_=tests.test_sweep.HeldData",
-        f"+dataset.hold_file={hold}",
-        f"+dataset.started_file={started}",
+    hold, started, held = held_trials(tmp_path)
+    held += [
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.grace_period=3600",  # a handed-back trial must not wait for this
     ]
@@ -225,17 +202,14 @@ def test_optuna_sweep_through_submitit_local(tmp_path):
 
 def test_killed_submitit_worker_trial_is_redone(tmp_path):
     needs_submitit()
-    hold, started = tmp_path / "hold", tmp_path / "started"
-    hold.touch()
+    hold, started, held = held_trials(tmp_path)
     cmd = [
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=2",
         "hydra.sweeper.confirm_seeds=0",
         "hydra.sweeper.grace_period=3600",  # redone because its process is gone, not silent
         SUBMITIT,
-        "dataset._target_=tests.test_sweep.HeldData",
-        f"+dataset.hold_file={hold}",
-        f"+dataset.started_file={started}",
+        *held,
     ]
     proc = sweep_cli(tmp_path / "s", *cmd, popen=True)
     wait_for(started, proc)

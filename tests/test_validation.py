@@ -71,6 +71,13 @@ def test_cli_corrupt_checkpoint(tmp_path):
         ("algorithm.feedback_update=sgd", "algorithm.feedback_update must be adam or ema"),
         ("dataset.augment=yes", "dataset.augment must be none or flip_crop"),
         ("trainer.resume=/no/such.ckpt", "trainer.resume=/no/such.ckpt: no such checkpoint file"),
+        # values that used to pass validation, then crash
+        ("seed=-1", "seed must be an integer in [0, 4294967295], got -1"),
+        ("seed=4294967296", "seed must be an integer in [0, 4294967295], got 4294967296"),
+        ("dataset.batch_size=1", "dataset.batch_size must be an integer >= 2 (BatchNorm needs 2"),
+        ("algorithm.feedback_lr=inf", "algorithm.feedback_lr must be a finite number > 0, got inf"),
+        ("optimizer.lr=nan", "optimizer.lr must be a finite number > 0, got nan"),
+        ("scheduler.gamma=inf", "scheduler.gamma must be a finite number > 0, got inf"),
     ],
 )
 def test_bad_values_in_process(tmp_path, override, message):
