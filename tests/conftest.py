@@ -22,7 +22,7 @@ def mnist_root(tmp_path_factory):
     """A writable dataset root whose MNIST/raw links to the read-only shared archives (the .gz
     files only: torchvision extracts beside them, and writing through a link to an extracted
     file would change the shared copy)."""
-    src = mnist_raw()  # $FDFA_DATA_ROOT/MNIST/raw, by default ../shared/data/MNIST/raw
+    src = mnist_raw()  # $FDFA_DATA_DIR/MNIST/raw, by default ../shared/data/MNIST/raw
     if not src.is_dir():
         pytest.skip(f"real MNIST not found at {src}")
     root = tmp_path_factory.mktemp("data")

@@ -23,9 +23,9 @@ CONF = REPO / "conf"
 
 def mnist_raw() -> Path:
     """The real MNIST archives (<data root>/MNIST/raw/*.gz), read-only: tests link them into
-    their own dirs and never write beside them. The data root is $FDFA_DATA_ROOT, else
+    their own dirs and never write beside them. The data root is $FDFA_DATA_DIR, else
     ../shared/data beside the checkout."""
-    root = os.environ.get("FDFA_DATA_ROOT") or REPO.parent / "shared" / "data"
+    root = os.environ.get("FDFA_DATA_DIR") or REPO.parent / "shared" / "data"
     return Path(root) / "MNIST" / "raw"
 
 

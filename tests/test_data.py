@@ -1,4 +1,4 @@
-"""Data paths: real MNIST from $FDFA_DATA_ROOT (default ../shared/data), CIFAR shapes through a
+"""Data paths: real MNIST from $FDFA_DATA_DIR (default ../shared/data), CIFAR shapes through a
 stand-in torchvision class."""
 
 import numpy as np
@@ -12,9 +12,9 @@ from tests.helpers import REPO, compose_config, mnist_raw
 
 
 def test_the_tests_find_real_mnist_under_fdfa_data_root(tmp_path, monkeypatch):
-    monkeypatch.setenv("FDFA_DATA_ROOT", str(tmp_path))
+    monkeypatch.setenv("FDFA_DATA_DIR", str(tmp_path))
     assert mnist_raw() == tmp_path / "MNIST" / "raw"
-    monkeypatch.delenv("FDFA_DATA_ROOT")
+    monkeypatch.delenv("FDFA_DATA_DIR")
     assert mnist_raw() == REPO.parent / "shared" / "data" / "MNIST" / "raw"
 
 

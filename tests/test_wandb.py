@@ -14,6 +14,7 @@ from fdfa import sweep as job_side
 from fdfa.errors import FdfaError
 from fdfa.loggers import WandbLogger
 from fdfa.train import train
+from fdfa.validate import validate_config
 from tests.helpers import REPO, compose_config, synthetic_overrides
 from tests.wandb_records import find_run_files, read_run
 
@@ -117,6 +118,11 @@ def test_when_wandb_cannot_start_one_warning_and_training_goes_on(tmp_path, monk
 def test_a_bad_mode_is_a_clear_error(tmp_path):
     with pytest.raises(FdfaError, match="logger.wandb.mode must be one of"):
         WandbLogger(out_dir=str(tmp_path), mode="offlien")
+    message = "logger.wandb.init_timeout must be a finite number > 0, got inf"
+    with pytest.raises(FdfaError, match=message):  # in Python
+        WandbLogger(out_dir=str(tmp_path), init_timeout=float("inf"))
+    with pytest.raises(FdfaError, match=message):  # in the config, before any run starts
+        validate_config(compose_config(["logger=wandb", "logger.wandb.init_timeout=inf"]))
 
 
 def test_config_takes_mode_and_group_from_the_environment(monkeypatch):
@@ -206,6 +212,7 @@ def test_wandb_dir_is_honoured_unless_logger_wandb_dir_is_set(tmp_path, monkeypa
 KILLED_JOB = """
 import os, signal, sys
 from fdfa.train import train
+from fdfa.validate import validate_config
 from tests.helpers import compose_config, synthetic_overrides
 
 class KillAfterEpoch2:  # as a job killed by the cluster after epoch 2's checkpoint
