@@ -29,4 +29,7 @@ PY
 ls outputs/fdfa-fc-fake/*/summary.json  # written relative to the current directory
 # conf/ and sweeps/ ship in the wheel: the sweep group composes (nothing runs with --cfg).
 "$work/venv/bin/fdfa" sweep=lr --cfg hydra | grep -q "optimizer.lr: tag(log"
+# so do the bases outside the groups: a preset on a preset on conf/_experiment.yaml, a dataset on
+# conf/_torchvision.yaml
+"$work/venv/bin/fdfa" experiment=mnist_fc1 --cfg job | grep -q "test_batch_size: 1000"
 echo "wheel ok: $(basename "$work"/dist/fdfa-*.whl)"
