@@ -17,6 +17,7 @@ FAKE = [
 ]
 
 
+@pytest.mark.slow
 def test_single_run_writes_its_record(tmp_path):
     res = run_cli([*FAKE, "model=cnn", f"hydra.run.dir={tmp_path}"])
     assert res.returncode == 0, res.stderr

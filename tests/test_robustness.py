@@ -67,6 +67,7 @@ def popen(args, cwd=REPO):
 SLOW = synthetic_overrides("model.width=64", "dataset.train_size=2112", "trainer.device=cpu")
 
 
+@pytest.mark.slow
 def test_two_runs_launched_into_one_dir_then_sigterm_and_rerun_match_an_uninterrupted_run(
     tmp_path,
 ):
@@ -169,6 +170,7 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
 # ---- 1. default run dirs never collide ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_runs_started_together_with_a_time_named_dir_each_get_their_own(tmp_path):
     """${now:%Y} makes the three collide for sure; the default ${now:%Y-%m-%d_%H-%M-%S} is
     claimed the same way (created exclusively, else <name>-1, <name>-2...)."""
@@ -272,6 +274,7 @@ DISK_FULL_DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _unshare_works(), reason="cannot mount a tmpfs: no user namespaces here")
 def test_disk_full_on_a_real_tmpfs_is_one_line_and_loses_nothing(tmp_path):
     (tmp_path / "mnt").mkdir()
@@ -362,6 +365,7 @@ def test_swapped_extracted_label_files_never_train(tmp_path):
     )
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_cli_corrupt_archive_offline_is_one_line_and_in_run_log(tmp_path):
     raw = mnist_copy(tmp_path / "data", truncate="t10k-labels-idx1-ubyte.gz")

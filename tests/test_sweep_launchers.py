@@ -121,6 +121,7 @@ def test_running_trial_no_worker_claimed_is_redone_after_the_grace_period(tmp_pa
 # ------------------------------------------------------------------------------ real processes
 
 
+@pytest.mark.slow
 def test_local_workers_each_get_their_gpu(tmp_path):
     """n_jobs=auto with 2 (faked) GPUs: 2 worker processes, one on each."""
     cmd = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=auto", *SLOW]
@@ -134,6 +135,7 @@ def test_local_workers_each_get_their_gpu(tmp_path):
     assert len(gpus) == 2
 
 
+@pytest.mark.slow
 def test_sigterm_hands_the_running_trial_back_at_once(tmp_path):
     hold, started, held = held_trials(tmp_path)
     held += [
@@ -161,6 +163,7 @@ def test_sigterm_hands_the_running_trial_back_at_once(tmp_path):
     assert trials[1].params == stopped.params
 
 
+@pytest.mark.slow
 def test_sigterm_caught_by_the_job_itself_still_hands_the_trial_back(tmp_path):
     started = tmp_path / "started"
     cmd = [
@@ -179,6 +182,7 @@ def test_sigterm_caught_by_the_job_itself_still_hands_the_trial_back(tmp_path):
     assert redo.state == TrialState.WAITING and redo.user_attrs["redo_of"] == 0
 
 
+@pytest.mark.slow
 def test_optuna_sweep_through_submitit_local(tmp_path):
     """2 workers as submitit jobs (one per faked GPU), n_trials=4 exactly, report written."""
     needs_submitit()
@@ -200,6 +204,7 @@ def test_optuna_sweep_through_submitit_local(tmp_path):
     assert [logs.count(f"confirmation run, seed {seed}") for seed in (0, 1)] == [1, 1]
 
 
+@pytest.mark.slow
 def test_killed_submitit_worker_trial_is_redone(tmp_path):
     needs_submitit()
     hold, started, held = held_trials(tmp_path)
@@ -226,6 +231,7 @@ def test_killed_submitit_worker_trial_is_redone(tmp_path):
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(trials) == 3
 
 
+@pytest.mark.slow
 def test_grid_through_submitit_local_one_gpu_per_job(tmp_path):
     needs_submitit()
     tiny = [a for a in TINY if not a.startswith("algorithm=")]
@@ -245,6 +251,7 @@ def test_grid_through_submitit_local_one_gpu_per_job(tmp_path):
         assert f"job {job} on GPU {job % 2} of 0,1" in log
 
 
+@pytest.mark.slow
 def test_slurm_array_script_tasks_share_one_journal_study(tmp_path):
     """scripts/slurm_array.sh run twice at once, as array tasks 0 and 1 of one array job."""
     env = {

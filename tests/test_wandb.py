@@ -225,6 +225,7 @@ train(cfg, sys.argv[1], callbacks=[KillAfterEpoch2()])
 """
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_run_is_one_wandb_run_without_repeated_steps(tmp_path):
     """Offline, wandb starts a new session file for the resumed run; it must hold the whole
     history once, and be the only session ``wandb sync`` would upload for this run."""
