@@ -26,6 +26,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_steady_steps_reuse_freed_memory():
     """One FDFA step on the CNN allocates ~10 MB of activations (~2,500 pages of 4 KiB). Without

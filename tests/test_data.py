@@ -18,6 +18,7 @@ def test_the_tests_find_real_mnist_under_fdfa_data_root(tmp_path, monkeypatch):
     assert mnist_raw() == REPO.parent / "shared" / "data" / "MNIST" / "raw"
 
 
+@pytest.mark.slow
 def test_real_mnist_loads_as_uint8_tensors(mnist_root):
     data = TorchvisionData("mnist", str(mnist_root), batch_size=64)
     assert tuple(data.train_x.shape) == (60000, 1, 28, 28) and data.train_x.dtype == torch.uint8
@@ -29,6 +30,7 @@ def test_real_mnist_loads_as_uint8_tensors(mnist_root):
     assert data.steps_per_epoch == 938  # 60000 / 64, last partial batch kept
 
 
+@pytest.mark.slow
 def test_subset_keeps_the_first_samples(mnist_root):
     full = TorchvisionData("mnist", str(mnist_root))
     sub = TorchvisionData("mnist", str(mnist_root), subset=1000)

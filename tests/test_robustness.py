@@ -194,6 +194,7 @@ def test_runs_started_together_with_a_time_named_dir_each_get_their_own(tmp_path
 # ---- 2. a refused resume leaves the run dir as it was ------------------------------------
 
 
+@pytest.mark.slow
 def test_refused_resume_leaves_every_file_of_the_run_dir_as_it_was(tmp_path):
     record = {"config.yaml": "the run's own config\n", "overrides.yaml": "- its overrides\n"}
     train(compose_config(synthetic_overrides("trainer.epochs=1")), tmp_path, record=record)
@@ -382,6 +383,7 @@ def test_cli_corrupt_archive_offline_is_one_line_and_in_run_log(tmp_path):
 # ---- 8. smaller holes ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, key",
     [
