@@ -69,15 +69,18 @@ def one_line(
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
-def find_fdfa_error(err: BaseException) -> FdfaError | None:
-    """The FdfaError behind ``err``, if any (Hydra wraps errors raised while instantiating)."""
+def error_chain(err: BaseException | None):
+    """``err``, then the error it was raised from or during, and so on (each once)."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, FdfaError):
-            return err
+        yield err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    return None
+
+
+def find_fdfa_error(err: BaseException) -> FdfaError | None:
+    """The FdfaError behind ``err``, if any (Hydra wraps errors raised while instantiating)."""
+    return next((e for e in error_chain(err) if isinstance(e, FdfaError)), None)
 
 
 class user_errors:  # noqa: N801 (used as a context manager, like contextlib's)
@@ -127,10 +130,4 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 def is_disk_full(err: BaseException) -> bool:
     """Whether ``err`` or an error behind it is "no space left" or "quota exceeded" (torch.save
     reports a full disk as a RuntimeError whose context is the OSError)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError) and err.errno in NO_SPACE:
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
+    return any(isinstance(e, OSError) and e.errno in NO_SPACE for e in error_chain(err))

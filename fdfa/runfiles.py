@@ -32,8 +32,9 @@ class RunFiles:
 
     def record_config(self, files: dict[str, str]) -> None:
         """``.hydra/<name>`` for each name -> text (once the run dir is accepted as this run's)."""
-        for name, text in files.items():
+        if files:
             self.config.parent.mkdir(exist_ok=True)
+        for name, text in files.items():
             checkpoint.write_text_atomic(self.config.parent / name, text)
 
     def write_records(self, records: list[dict]) -> None:

@@ -278,7 +278,7 @@ class Run:
         p, cfg = self.progress, self.cfg.trainer
         if p.perm is not None:  # an epoch is under way
             return False
-        return p.epoch >= cfg.epochs or p.step >= (cfg.max_steps or float("inf"))
+        return p.epoch >= cfg.epochs or p.step >= self._max_steps()
 
     def fit(self) -> dict:
         """Train; write summary.json and finish every logger, also when training fails or is
@@ -367,7 +367,7 @@ class Run:
     def _train_epoch(self) -> None:
         """The rest of the current epoch (all of it, unless resumed mid-epoch or capped)."""
         p, cfg, rule, optimizer = self.progress, self.cfg.trainer, self.rule, self.optimizer
-        max_steps = cfg.max_steps or float("inf")
+        max_steps = self._max_steps()
         ckpt_every = cfg.get("ckpt_every_n_steps") or 0
         check_every = self.LOSS_CHECK_EVERY.get(self.device.type, 1)
         unchecked: list[torch.Tensor] = []  # losses of the steps since the last check
