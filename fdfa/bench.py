@@ -203,6 +203,104 @@ def bench_steps(
     return rows
 
 
+# Where a step's time goes (``--phases``): the time spent inside these callables, each less the
+# phases nested in it (FDFA's forward draws its directions: that part counts as draw only). "rest"
+# is the step less all phases: zero_grad, the loss, Python between the calls.
+PHASES = {
+    "draw": [("rule", "draw_perturbations")],
+    "forward": [
+        ("rule", "dual_forward"),
+        ("rule", "perturbed_forward"),
+        ("rule", "local_forward"),
+        ("model", "forward"),
+    ],  # fmt: skip
+    "backward": [("autograd", "backward"), ("autograd", "grad")],  # BP's loss.backward() too
+    "feedback": [("rule", "inject_and_backward"), ("rule", "update_feedback")],  # e.B_l, Ĵ_l, B_l
+    "optimizer": [("optimizer", "step")],
+}
+
+
+class PhaseClock:
+    """Times the ``PHASES`` of one rule's steps by wrapping its callables while entered: the
+    current step's exclusive seconds per phase are in ``self.now``. ``device`` is synchronised at
+    every boundary (on a GPU that adds waits: an eager-step profile, not a CUDA graph's)."""
+
+    def __init__(self, rule, optimizer, device):
+        self.device, self.now, self._stack = device, {}, []
+        owners = {"rule": rule, "model": rule.model, "optimizer": optimizer}
+        owners["autograd"] = torch.autograd
+        self._patches = [
+            (owners[owner], attr, self._timed(phase, getattr(owners[owner], attr)))
+            for phase, callables in PHASES.items()
+            for owner, attr in callables
+            if hasattr(owners[owner], attr)
+        ]
+
+    def _timed(self, phase, fn):
+        def timed(*args, **kwargs):
+            _sync(self.device)
+            start = time.perf_counter()
+            self._stack.append(0.0)  # time of the phases nested in this call
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                spent = time.perf_counter() - start
+                nested = self._stack.pop()
+                self.now[phase] = self.now.get(phase, 0.0) + spent - nested
+                if self._stack:
+                    self._stack[-1] += spent
+
+        return timed
+
+    def __enter__(self):
+        self.now = {}
+        self._saved = [(o, a, o.__dict__.get(a)) for o, a, _ in self._patches]
+        for owner, attr, timed in self._patches:
+            setattr(owner, attr, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, saved in self._saved:
+            if saved is None:
+                delattr(owner, attr)  # back to the class's method
+            else:
+                setattr(owner, attr, saved)
+
+
+def bench_phases(model_name, rules, steps, warmup, device, kinds=("gaussian",)):
+    """Median milliseconds of each of the ``PHASES`` (and the whole step) per rule, eager steps
+    interleaved round by round as in ``bench_steps``."""
+    x, y, batch = _synthetic_batch(model_name, device)
+    built = {
+        v: _build(model_name, v[0], device, _kind_override(v[1]))[1:]
+        for v in _variants(rules, kinds)
+    }
+    clocks = {v: PhaseClock(rule, optimizer, device) for v, (rule, optimizer) in built.items()}
+    samples = {v: [] for v in built}
+    for i in range(warmup + steps):
+        for v, (rule, optimizer) in built.items():
+            with clocks[v] as clock:
+                _sync(device)
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                rule.train_step(x, y)
+                optimizer.step()
+                _sync(device)
+                total = time.perf_counter() - t0
+            if i >= warmup:
+                samples[v].append(
+                    {**clock.now, "rest": total - sum(clock.now.values()), "step": total}
+                )
+    rows = []
+    for (name, kind), rounds in samples.items():
+        row = {"model": model_name, "algorithm": name, "perturbation": kind, "batch": batch}
+        for phase in ["step", *PHASES, "rest"]:
+            row[f"{phase}_ms"] = 1e3 * statistics.median(r.get(phase, 0.0) for r in rounds)
+        rows.append(row)
+    return rows
+
+
 def bench_metrics_overhead(model_name, rules, device, every_n_steps=None, repeats=3):
     """Training time with the alignment metrics at the default interval over training time without:
     1 + (median seconds of one measure / every_n_steps) / median seconds of one step."""
@@ -297,6 +395,7 @@ STEP_COLUMNS = [
     "state_mb",
     "peak_cuda_mb",
 ]
+PHASE_COLUMNS = ["algorithm", "perturbation", "step_ms", *[f"{p}_ms" for p in PHASES], "rest_ms"]
 METRICS_COLUMNS = ["model", "algorithm", "every_n_steps", "measure_in_steps", "overhead_ratio"]
 EPOCH_COLUMNS = ["algorithm", "perturbation", "epochs", "epoch_s", "test_acc"]
 
@@ -332,6 +431,11 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument(
         "--metrics-overhead", action="store_true", help="also time the alignment metrics"
+    )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also time each step's phases (draw, forward, backward, feedback, optimizer; eager)",
     )
     parser.add_argument("--data-root", default=None, help="MNIST root (default: dataset.root)")
     parser.add_argument(
@@ -374,6 +478,15 @@ def main(argv=None):
         results["steps"] += rows
         print(f"\n## {model_name} ({device}{', CUDA graphs' if graph else ''})\n")
         print(table(rows, STEP_COLUMNS))
+    if args.phases:
+        results["phases"] = []
+        for model_name in args.models:
+            rows = bench_phases(
+                model_name, rules, args.steps, args.warmup, device, kinds=args.perturbation
+            )
+            results["phases"] += rows
+            print(f"\n## {model_name}: phases of a step, median ms ({device}, eager)\n")
+            print(table(rows, PHASE_COLUMNS))
     if args.metrics_overhead:
         results["metrics"] = []
         for model_name in args.models:
