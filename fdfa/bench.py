@@ -11,6 +11,8 @@ the same rounds) over the median step time.
 Memory: on CUDA the peak allocated during the steps; everywhere the bytes of state the rule keeps
 (parameters, feedback, optimizer moments). ``--metrics-overhead`` adds the cost of the alignment
 metrics at their default interval, as a ratio of training time with them to training time without.
+``--phases`` splits each rule's (eager) step into draw, forward, backward, feedback and optimizer
+time (``PHASES``), in the same interleaved rounds: where a rule's extra time over BP goes.
 """
 
 from __future__ import annotations
@@ -213,7 +215,7 @@ PHASES = {
         ("rule", "perturbed_forward"),
         ("rule", "local_forward"),
         ("model", "forward"),
-    ],  # fmt: skip
+    ],
     "backward": [("autograd", "backward"), ("autograd", "grad")],  # BP's loss.backward() too
     "feedback": [("rule", "inject_and_backward"), ("rule", "update_feedback")],  # e.B_l, Ĵ_l, B_l
     "optimizer": [("optimizer", "step")],
