@@ -107,6 +107,13 @@ def _build(model_name, rule_name, device, extra=()):
     return cfg, rule, instantiate(cfg.optimizer)(model.parameters())
 
 
+def _build_variants(model_name, variants, device, extra=()):
+    """{(rule name, perturbation kind): (rule, forward optimizer)}, built as ``_build`` does."""
+    return {
+        v: _build(model_name, v[0], device, [*extra, *_kind_override(v[1])])[1:] for v in variants
+    }
+
+
 def _graphed_step(x, y, cuda_graph):
     """step(rule, optimizer) as the trainer takes it: a CUDA graph replay, or eager."""
     graphs = {}
@@ -161,9 +168,7 @@ def bench_steps(
             peak[name, kind] = peak_cuda_bytes(
                 model_name, name, device, x, y, warmup, cuda_graph, [*extra, *_kind_override(kind)]
             )
-    built = {
-        v: _build(model_name, v[0], device, [*extra, *_kind_override(v[1])])[1:] for v in variants
-    }
+    built = _build_variants(model_name, variants, device, extra)
     step = _graphed_step(x, y, cuda_graph)
     times = {v: [] for v in variants}
     draw_times = {v: [] for v in variants if v[1] is not None}
@@ -229,8 +234,12 @@ class PhaseClock:
 
     def __init__(self, rule, optimizer, device):
         self.device, self.now, self._stack = device, {}, []
-        owners = {"rule": rule, "model": rule.model, "optimizer": optimizer}
-        owners["autograd"] = torch.autograd
+        owners = {
+            "rule": rule,
+            "model": rule.model,
+            "optimizer": optimizer,
+            "autograd": torch.autograd,
+        }
         self._patches = [
             (owners[owner], attr, self._timed(phase, getattr(owners[owner], attr)))
             for phase, callables in PHASES.items()
@@ -274,10 +283,8 @@ def bench_phases(model_name, rules, steps, warmup, device, kinds=("gaussian",)):
     """Median milliseconds of each of the ``PHASES`` (and the whole step) per rule, eager steps
     interleaved round by round as in ``bench_steps``."""
     x, y, batch = _synthetic_batch(model_name, device)
-    built = {
-        v: _build(model_name, v[0], device, _kind_override(v[1]))[1:]
-        for v in _variants(rules, kinds)
-    }
+    built = _build_variants(model_name, _variants(rules, kinds), device)
+    step = _graphed_step(x, y, cuda_graph=False)  # the eager step bench_steps times
     clocks = {v: PhaseClock(rule, optimizer, device) for v, (rule, optimizer) in built.items()}
     samples = {v: [] for v in built}
     for i in range(warmup + steps):
@@ -285,9 +292,7 @@ def bench_phases(model_name, rules, steps, warmup, device, kinds=("gaussian",)):
             with clocks[v] as clock:
                 _sync(device)
                 t0 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                rule.train_step(x, y)
-                optimizer.step()
+                step(rule, optimizer)
                 _sync(device)
                 total = time.perf_counter() - t0
             if i >= warmup:
