@@ -12,8 +12,12 @@ stopped by SIGINT / SIGTERM (last.ckpt written: rerun to resume), 1 a bug (a tra
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
+import shlex
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,10 +25,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fdfa.allocator import keep_freed_memory
-from fdfa.errors import RunDirRefused, user_errors
+from fdfa.errors import FdfaError, Interrupted, RunDirRefused, one_line, user_errors
 from fdfa.sweep import assign_job_gpu, job_callbacks, record_machine_gpus
 from fdfa.train import train
 from fdfa.validate import CONF_DIR, preflight
+
+log = logging.getLogger(__name__)
 
 
 def task(cfg: DictConfig) -> float:
@@ -36,13 +42,65 @@ def task(cfg: DictConfig) -> float:
         "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
         "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
     }
+    single = hc.mode != RunMode.MULTIRUN
+    with user_errors(on_error=to_run_log, active=single):
+        check_targets(cfg)
     # in a sweep every error propagates: the sweeper records the failed job and goes on
-    with user_errors(on_error=to_run_log, active=hc.mode != RunMode.MULTIRUN):
-        summary = train(cfg, hc.runtime.output_dir, names, job_callbacks(), record)
+    with user_errors(on_error=to_run_log, active=single):
+        try:
+            summary = train(cfg, hc.runtime.output_dir, names, job_callbacks(), record)
+        except Interrupted as err:
+            if single:  # a sweep's trial is handed back by the sweeper instead
+                err.how_to_resume = f"resume with: {resume_command(hc)}"
+            raise
+    if single:  # the last line: where it all went
+        log.info("run dir %s (summary.json, metrics.jsonl, checkpoints)", hc.runtime.output_dir)
     # What a sweeper maximises: the best validation accuracy (selection on validation data);
     # without a validation set, the last epoch's test accuracy (never the max over epochs).
     best_val = summary["best/val/acc"]
     return summary["selected/test/acc"] if best_val is None else best_val
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every required value is set and every class a config names can be imported: one line
+    each (a user's own class by model._target_=mynet.MyNet, from the current directory)."""
+    for key in OmegaConf.missing_keys(cfg):
+        raise FdfaError(f"{key} must be set (e.g. {key}=mynet.MyNet for model=custom)")
+    for key, node in _nodes(cfg):
+        target = node.get("_target_")
+        if not isinstance(target, str) or key.startswith("hydra"):
+            continue
+        module, _, name = target.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), name, None) if module else None
+        except ImportError as err:
+            raise FdfaError(
+                f"{key}._target_={target}: cannot import {module} ({one_line(err)}); put "
+                f"{module.split('.')[0]}.py in the current directory or on PYTHONPATH"
+            ) from None
+        if found is None:
+            raise FdfaError(f"{key}._target_={target}: {module} has no {name!r}")
+
+
+def _nodes(cfg: DictConfig, prefix: str = ""):
+    """(dotted key, node) of every config node under ``cfg``, depth first."""
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig):
+            yield prefix + str(key), node
+            yield from _nodes(node, f"{prefix}{key}.")
+
+
+def resume_command(hc) -> str:
+    """The command that continues this run: the same overrides, the run dir named (a default run
+    dir is named by the time it started, so the same command alone would start a new run)."""
+    script = sys.argv[0]
+    prog = f"python {script}" if Path(script).name == "run.py" else "fdfa"
+    hydra_args = [
+        o for o in hc.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode="))
+    ]
+    args = [*hc.overrides.task, *hydra_args, f"hydra.run.dir={hc.runtime.output_dir}"]
+    return " ".join([prog, *map(shlex.quote, args)])
 
 
 def to_run_log(err: BaseException, line: str) -> None:
@@ -58,6 +116,8 @@ def to_run_log(err: BaseException, line: str) -> None:
 
 def main() -> None:
     conf = CONF_DIR
+    if os.getcwd() not in sys.path:  # your own classes (model._target_=mynet.MyNet) from here
+        sys.path.insert(1, os.getcwd())
     with user_errors():
         preflight(sys.argv[1:], conf)  # unknown group options, an unwritable run dir: one line
     keep_freed_memory()  # no page-fault storms on CPU steps (fdfa/allocator.py)

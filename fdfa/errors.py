@@ -33,18 +33,28 @@ class OptionError(FdfaError, ValueError):
     code expects from a constructor."""
 
 
+RERUN = "rerun with the same run dir to resume"
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a run. Raised after the step under way finished and last.ckpt
-    and summary.json (status ``interrupted``) were written, so rerunning the same command
+    and summary.json (status ``interrupted``) were written, so a rerun with the same run dir
     resumes exactly; a second signal raises it at once (the last checkpoint on disk is intact).
 
     A KeyboardInterrupt, not an Exception: ``except Exception`` handlers (Hydra's job runner, a
     sweeper's catch-all) let it through, so the process stops, as on Ctrl-C. ``exit_code`` is the
-    shell's convention for death by that signal: 130 for SIGINT, 143 for SIGTERM."""
+    shell's convention for death by that signal: 130 for SIGINT, 143 for SIGTERM.
 
-    def __init__(self, signum: int, message: str):
+    ``how_to_resume`` ends the message: the command line (fdfa/cli.py) puts the exact command
+    there, with the run dir filled in; Python callers rerun ``train()`` with the same dir."""
+
+    def __init__(self, signum: int, message: str, how_to_resume: str = RERUN):
         super().__init__(message)
         self.signum = signum
+        self.how_to_resume = how_to_resume
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}; {self.how_to_resume}"
 
     @property
     def exit_code(self) -> int:

@@ -62,10 +62,9 @@ class StopSignals(SignalHandler):
             raise Interrupted(
                 signum,
                 f"interrupted by {name} a second time: stopped at once; the last "
-                "checkpoint written is intact, rerun the same command to resume from it",
+                "checkpoint written is intact",
             )
         raise Interrupted(
             signum,
-            f"interrupted by {name} before training started; rerun the same command "
-            "to start (or resume) the run",
+            f"interrupted by {name} before training started",
         )

@@ -8,12 +8,11 @@ with last.ckpt written (fdfa/interrupt.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,11 @@ from tqdm import tqdm
 
 from fdfa import checkpoint
 from fdfa.cuda_graph import GraphedSteps
-from fdfa.errors import DivergedError, FdfaError, Interrupted, RunDirRefused, is_disk_full, one_line
+from fdfa.errors import DivergedError, FdfaError, Interrupted, is_disk_full, one_line
 from fdfa.interrupt import StopSignals
+from fdfa.progress import Progress, timing_line
 from fdfa.protocol import evaluation_records, select_epoch
+from fdfa.resume import check_compatible, resume_source
 from fdfa.rules.base import rule_optimizers
 from fdfa.rundir import RunDirLock
 from fdfa.runfiles import RunFiles
@@ -66,20 +67,6 @@ def evaluate(model: torch.nn.Module, data) -> dict:
         out[f"{split}/loss"] = loss_sum.item() / len(labels)
         out[f"{split}/acc"] = correct.item() / len(labels)
     return out
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    epoch: int = 0  # epochs started
-    step: int = 0  # optimizer steps taken
-    train_time: float = 0.0  # seconds in training steps (evaluation excluded)
-    wall_time: float = 0.0  # seconds of the whole loop, evaluation included
-    train_samples: int = 0
-    perm: torch.Tensor | None = None  # the current epoch's shuffle; None between epochs
-    batch: int = 0  # batches of the current epoch done
-    loss_sum: float = 0.0  # sum of this epoch's batch losses so far
 
 
 class Run:
@@ -180,49 +167,10 @@ class Run:
     # ---- checkpoints -------------------------------------------------------------------------
 
     def _resume_source(self) -> Path | None:
-        choice = self.cfg.trainer.get("resume", "auto")
-        if choice in (None, False, "never"):
-            return None
-        last = self.files.last
-        if choice == "auto":
-            return last if last.exists() else None
-        if choice == "latest":
-            return last if last.exists() else self._latest_unfinished()
-        path = Path(choice)
-        if not path.is_file():
-            raise FdfaError(f"trainer.resume={choice}: no such checkpoint file")
-        return path
-
-    def _latest_unfinished(self) -> Path | None:
-        """trainer.resume=latest: the last.ckpt of the newest unfinished run of this config (all
-        but trainer, logger, metrics) beside this run dir: outputs/<name>/*/ for single runs,
-        multirun/*/<same job dir>/ for sweeps; None (a fresh start) if there is none."""
-        here = self.files.dir.resolve()
-        found = []
-        for d in {*here.parent.glob("*/"), *here.parent.parent.glob(f"*/{here.name}/")}:
-            other = RunFiles(d)
-            if d == here or not (other.last.is_file() and other.config.is_file()):
-                continue
-            try:
-                saved = OmegaConf.to_container(OmegaConf.load(other.config), resolve=True)
-                summary = other.summary
-                status = json.loads(summary.read_text())["status"] if summary.is_file() else None
-            except Exception:  # an unreadable or foreign run dir is not one of this config's
-                continue
-            if status != "completed" and not checkpoint.config_differences(saved, self.resolved):
-                found.append(other.last)
-        if not found:
-            log.info("trainer.resume=latest: no unfinished run of this config; starting fresh")
-            return None
-        return max(found, key=lambda path: path.stat().st_mtime)
+        return resume_source(self.cfg.trainer.get("resume", "auto"), self.files, self.resolved)
 
     def _check_compatible(self, ckpt: dict, path: Path) -> None:
-        diffs = checkpoint.config_differences(ckpt["config"], self.resolved)
-        if diffs:
-            raise RunDirRefused(
-                f"checkpoint {path} belongs to another config ({'; '.join(diffs[:3])}); "
-                "use a new hydra.run.dir, or trainer.resume=never to start over here"
-            )
+        check_compatible(ckpt, path, self.resolved)
 
     def _optimizers(self) -> dict:
         """The forward optimizer and any optimizer the rule holds (e.g. its feedback's)."""
@@ -355,7 +303,7 @@ class Run:
         raise Interrupted(
             signum,
             f"interrupted by {name} at epoch {p.epoch}, step {p.step}: last.ckpt saved in "
-            f"{self.files.dir}; rerun the same command to resume",
+            f"{self.files.dir}",
         )
 
     # Checking a loss for NaN/inf reads it back from the device. On the CPU that is free, so every
@@ -468,21 +416,11 @@ class Run:
             callback.on_evaluation(self, record)
 
     def _timing(self) -> str:
-        """'epoch 9.8 s, 29.5 s since start, ETA 16m 05s for 97 more epochs': the ETA is the mean
-        epoch time so far (evaluation included) times the epochs left (max_steps counted)."""
         p, cfg = self.progress, self.cfg.trainer
-        times = [r["time_s"] for r in evaluation_records(self.records)]
-        since_start, epoch_s = times[-1], times[-1] - (times[-2] if len(times) > 1 else 0.0)
         left = cfg.epochs - p.epoch
         if cfg.max_steps:
             left = min(left, -(-(cfg.max_steps - p.step) // self.data.steps_per_epoch))
-        text = f"epoch {epoch_s:.1f} s, {since_start:.1f} s since start"
-        if left > 0:
-            eta = round(since_start / p.epoch * left)
-            h, m, sec = eta // 3600, eta // 60 % 60, eta % 60
-            clock = f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s" if m else f"{sec} s"
-            text += f", ETA {clock} for {left} more epoch{'s' if left > 1 else ''}"
-        return text
+        return timing_line([r["time_s"] for r in evaluation_records(self.records)], p.epoch, left)
 
     def save_best(self, record: dict) -> None:
         """best.ckpt: the model and rule state of the selected epoch (the best val/acc so far;
@@ -495,6 +433,11 @@ class Run:
         }
         self.files.save_best(state)
 
+    def _data_root(self) -> str | None:
+        """The data folder this run read, absolute (None for data made in memory)."""
+        root = self.resolved.get("dataset", {}).get("root")
+        return str(Path(root).expanduser().resolve()) if root else None
+
     def _totals(self) -> dict:
         evaluations = evaluation_records(self.records)
         p, last = self.progress, (evaluations[-1] if evaluations else {})
@@ -503,11 +446,12 @@ class Run:
             **select_epoch(self.records),  # best/val/acc, best/epoch, selected/test/acc
             "train/loss": last.get("train/loss"),
             "test/loss": last.get("test/loss"),
-            "epochs": p.epoch,
+            "epochs": p.epoch - (p.perm is not None),  # finished (a stop mid-epoch: not that one)
             "steps": p.step,
             "wall_s": p.wall_time,
             "train/samples_per_s": p.train_samples / p.train_time if p.train_time else None,
             "device": str(self.device),  # s / epoch and samples / s mean little without it
+            "data_root": self._data_root(),  # where the data came from (config.yaml keeps ${...})
             # optimistic: the max over epochs is chosen on the test set itself (not for comparing)
             "best/test/acc": max((r["test/acc"] for r in evaluations), default=None),
         }

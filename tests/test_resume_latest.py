@@ -37,7 +37,7 @@ def test_resume_latest_continues_the_newest_unfinished_run_of_this_config(tmp_pa
 
 
 def test_resume_latest_without_an_unfinished_run_starts_fresh(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="fdfa.train")
+    caplog.set_level(logging.INFO, logger="fdfa.resume")
     summary = hydra_run(tmp_path / "x" / "1", "trainer.max_steps=2", "trainer.resume=latest")
     assert "trainer.resume=latest: no unfinished run of this config; starting fresh" in caplog.text
     assert summary["steps"] == 2

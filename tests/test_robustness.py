@@ -95,7 +95,8 @@ def test_two_runs_launched_into_one_dir_then_sigterm_and_rerun_match_an_uninterr
                 p.kill()
     line = one_line(procs[winner].stderr.read())
     assert line.startswith("interrupted by SIGTERM at epoch ")
-    assert f"last.ckpt saved in {run_dir}; rerun the same command to resume" in line
+    assert f"last.ckpt saved in {run_dir}; resume with: python " in line
+    assert line.endswith(f"hydra.run.dir={run_dir}")
 
     # the record is the winner's alone: its config, its seed, its records in order
     assert f"seed: {winner}\n" in (run_dir / ".hydra" / "config.yaml").read_text()
