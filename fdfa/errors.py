@@ -1,6 +1,6 @@
 """The exception types fdfa raises for what a user can fix or did on purpose; ``one_line``, the
 one helper that turns any error into a line; and ``user_errors``, the one place where a command
-(fdfa/run.py, the report, the benchmark, the sweeper) turns them into ``error: <line>`` and exit
+(fdfa/cli.py, the report, the benchmark, the sweeper) turns them into ``error: <line>`` and exit
 code 2, never a traceback."""
 
 from __future__ import annotations

@@ -2,9 +2,13 @@
 # The installable package works outside the checkout: build fdfa's wheel, install it into a fresh
 # venv, and from an empty directory run a short `fdfa` job and compose a shipped sweep.
 #   bash scripts/check_wheel.sh            # CI (.ci/run); about 1 to 2 minutes
-# The venv sees this Python's packages (--system-site-packages), so torch is not downloaded again;
-# the wheel goes in with --no-deps. FDFA_WHEEL_PIP_ARGS: extra `pip wheel` args (e.g.
-# --no-build-isolation where no package index is reachable).
+# The fresh venv sees the packages of the Python that runs this script (a venv of yours or a
+# system Python; scripts/link_site_packages.py), so torch is not downloaded again
+# (`venv --system-site-packages` would not do: started from a venv, it points at the venv's base
+# Python, which may lack torch and Hydra). The wheel goes in with --no-deps and --ignore-installed
+# (an editable fdfa of this Python is visible to pip, not to imports).
+# FDFA_WHEEL_PIP_ARGS: extra `pip wheel` args (e.g. --no-build-isolation where no package index
+# is reachable).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
@@ -12,8 +16,9 @@ trap 'rm -rf "$work"' EXIT
 
 # shellcheck disable=SC2086  # the extra args are words
 python -m pip wheel --quiet --no-deps ${FDFA_WHEEL_PIP_ARGS:-} -w "$work/dist" "$repo"
-python -m venv --system-site-packages "$work/venv"
-"$work/venv/bin/python" -m pip install --quiet --no-deps "$work"/dist/fdfa-*.whl
+python -m venv "$work/venv"
+python "$repo/scripts/link_site_packages.py" "$work/venv" --except "$repo"
+"$work/venv/bin/python" -m pip install --quiet --no-deps --ignore-installed "$work"/dist/fdfa-*.whl
 
 mkdir "$work/elsewhere"
 cd "$work/elsewhere"
