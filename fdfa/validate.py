@@ -134,7 +134,9 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Refuse a key the composed config does not have, with or without ``+``/``++``, naming the
     closest valid key: Hydra refuses ``trainer.epoch=1`` with a hint to add ``+``, and then
     accepts it and trains the default epochs. A config node whose class is the user's (its
-    ``_target_`` set on the command line, or one not in conf/) takes any key."""
+    ``_target_`` set on the command line, or one not in conf/) takes any key. Hydra's own keys
+    (``hydra.sweeper.n_trials``) are checked against Hydra's structured configs, whose free
+    dicts (``hydra.sweeper.params``, ``hydra.job.env_set``) take any key."""
     try:
         overrides = OverridesParser.create().parse_overrides(
             [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]
@@ -147,14 +149,14 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         for o in overrides
         if not _is_group(o, conf_dir)
         and o.type in (OverrideType.CHANGE, OverrideType.ADD, OverrideType.FORCE_ADD)
-        and o.key_or_group.split("/")[0].split(".")[0] != "hydra"  # Hydra's own
     ]
     if not keys:
         return
     try:
-        configs = [_flat_keys(cfg) for cfg in _compositions(groups, conf_dir)]
+        composed = list(_compositions(groups, conf_dir))
     except HydraException:
         return  # a bad combination of options: Hydra says which when it composes
+    configs = [_flat_keys(cfg) for cfg in composed]
     known = set().union(*(c for c, _ in configs))
     free = {k.removesuffix("._target_") for k in keys if k.endswith("._target_")}
     free |= {
@@ -165,14 +167,57 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     }
     for key in keys:
         parts = key.split(".")
-        if key in known or any(".".join(parts[:i]) in free for i in range(1, len(parts))):
+        if any(".".join(parts[:i]) in free for i in range(1, len(parts))):
             continue
-        raise FdfaError(_unknown_key_message(key, known))
+        if parts[0] == "hydra":
+            _check_hydra_key(key, [cfg.hydra for cfg in composed])
+        elif key not in known:
+            raise FdfaError(_unknown_key_message(key, known))
+
+
+def _check_hydra_key(key: str, hydra_configs: list[DictConfig]) -> None:
+    """Refuse ``key`` (``hydra.<...>``) where one of its parents is one of Hydra's structured
+    configs (a dataclass: the sweeper's, the launcher's, hydra.run) that lacks the next part; a
+    free dict, or a parent with no node to look into, takes it (Hydra decides)."""
+    for hydra_cfg in hydra_configs:
+        node, parts = hydra_cfg, key.split(".")[1:]
+        for part in parts:
+            if not isinstance(node, DictConfig) or OmegaConf.get_type(node) in (dict, None):
+                return
+            if part not in node.keys():
+                break
+            node = _child(node, part)
+        else:
+            return
+    known = {f"hydra.{k}" for cfg in hydra_configs for k in _structured_keys(cfg)}
+    raise FdfaError(_unknown_key_message(key, known, lists_all="python run.py --cfg hydra"))
+
+
+def _child(node: DictConfig, key):
+    """``node[key]``, or None where it cannot be read yet (a missing value, an interpolation of
+    Hydra's runtime)."""
+    try:
+        return node[key]
+    except Exception:  # noqa: BLE001 (OmegaConf raises several kinds)
+        return None
+
+
+def _structured_keys(node: DictConfig, prefix: str = "") -> set[str]:
+    """The dotted keys of a structured config's nodes, down to its free dicts."""
+    keys = set()
+    for k in node.keys():
+        keys.add(prefix + str(k))
+        child = _child(node, k)
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
+            keys |= _structured_keys(child, f"{prefix}{k}.")
+    return keys
 
 
 def _is_group(override: Override, conf_dir: Path) -> bool:
-    """A choice of fdfa's groups (algorithm=bp, ~model, experiment=..., sweep=...), not a key."""
-    return group_dir(override.key_or_group, conf_dir) is not None
+    """A choice of a group (algorithm=bp, ~model, experiment=..., sweep=..., Hydra's
+    hydra/launcher=joblib), not a key."""
+    group = override.key_or_group
+    return group.startswith("hydra/") or group_dir(group, conf_dir) is not None
 
 
 def group_dir(group: str, conf_dir: Path = CONF_DIR) -> Path | None:
@@ -200,7 +245,8 @@ def _compositions(groups: list[Override], conf_dir: Path):
     variants = [first] + [{**first, g: v} for g, values in swept.items() for v in values[1:]]
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         for chosen in variants:
-            yield compose("config", fixed + [f"{g}={v}" for g, v in chosen.items()])
+            overrides = fixed + [f"{g}={v}" for g, v in chosen.items()]
+            yield compose("config", overrides, return_hydra_config=True)
 
 
 def _flat_keys(cfg: DictConfig) -> tuple[set[str], dict[str, str]]:
@@ -223,12 +269,14 @@ def _flat_keys(cfg: DictConfig) -> tuple[set[str], dict[str, str]]:
     return keys, targets
 
 
-def _unknown_key_message(key: str, known: set[str]) -> str:
+def _unknown_key_message(
+    key: str, known: set[str], lists_all: str = "python run.py --cfg job"
+) -> str:
     public = sorted(k for k in known if not k.rpartition(".")[2].startswith("_"))  # no _target_
     candidates = [k for k in public if not key.startswith(k + ".")]  # not its own parents
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if close:
-        return f"unknown key {key}: did you mean {close[0]}? (python run.py --cfg job lists all)"
+        return f"unknown key {key}: did you mean {close[0]}? ({lists_all} lists all)"
     section, _, _ = key.rpartition(".")
     siblings = [k.removeprefix(section + ".") for k in public if k.rpartition(".")[0] == section]
     if not siblings:

@@ -1,7 +1,7 @@
 """Checks at the boundary: each rule, model and dataset checks its own arguments in plain Python
 (fdfa/checks.py) and names the argument; the config layer (fdfa/validate.py) applies the same
 checks to a composed config and names the key; the torch side imports nothing of the config
-layer."""
+layer; a mistyped sweeper key is refused like any other key."""
 
 import subprocess
 import sys
@@ -14,8 +14,8 @@ from fdfa.errors import FdfaError
 from fdfa.models import AlexNet, BlockNet, FCNet
 from fdfa.rules import DKP, FDFA, FGA, FGW
 from fdfa.rules.base import DirectFeedbackRule
-from fdfa.validate import validate_config
-from tests.helpers import REPO, compose_config
+from fdfa.validate import preflight, validate_config
+from tests.helpers import REPO, compose_config, run_cli
 
 CONFIG_LAYER = ("hydra", "omegaconf", "optuna", "wandb", "hydra_plugins", "fdfa.validate")
 
@@ -113,3 +113,39 @@ def test_config_messages_write_values_as_the_config_does():
     with pytest.raises(FdfaError) as err:
         validate_config(compose_config(["model.width=0"]))
     assert str(err.value).startswith("model.width must be null or an integer >= 1, got 0")
+
+
+@pytest.mark.parametrize("key", ["hydra.sweeper.n_trial=2", "+hydra.sweeper.n_trial=2"])
+def test_a_sweeper_key_typo_names_the_closest_key(key):
+    with pytest.raises(FdfaError) as err:
+        preflight(["-m", "sweep=lr", key])
+    assert str(err.value).startswith(
+        "unknown key hydra.sweeper.n_trial: did you mean hydra.sweeper.n_trials?"
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-m", "sweep=lr", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=1"],
+        ["-m", "sweep=lr", "+hydra.sweeper.params.optimizer.weight_decay=interval(0,1e-3)"],
+        ["-m", "sweep=lr", "hydra/sweeper/pruner=hyperband", "hydra.sweeper.pruner.min_resource=2"],
+        ["-m", "sweep=lr", "hydra.sweeper.sampler._target_=optuna.samplers.CmaEsSampler",
+         "+hydra.sweeper.sampler.sigma0=0.1"],  # a sampler of the user's choice takes its keys
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1"],
+        ["hydra.job.chdir=false", "+hydra.job.env_set.MY_VAR=1", "hydra.verbose=true"],
+    ],
+)  # fmt: skip
+def test_valid_hydra_keys_pass(args, tmp_path):
+    preflight([*args, f"hydra.run.dir={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_sweeper_key_typo_in_one_line(tmp_path):
+    res = run_cli(["-m", "sweep=lr", "hydra.sweeper.n_trial=2", f"hydra.sweep.dir={tmp_path}"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: unknown key hydra.sweeper.n_trial: did you mean hydra.sweeper.n_trials? "
+        "(python run.py --cfg hydra lists all)"
+    ]
+    assert not (tmp_path / "optuna.db").exists()
