@@ -1,4 +1,4 @@
-"""Every check of user input that can run before any work, in one place.
+"""The config layer's checks of a command line and a composed config, before any work.
 
 - ``preflight(argv)``: before Hydra composes the config (unknown group options, unknown keys with
   the closest valid one, an unwritable run dir): Hydra's own messages for these are long, come
@@ -64,6 +64,9 @@ def config_text(value) -> str:
     return str(value)
 
 
+_ABSENT = object()
+
+
 def check_key(key: str, check: Check, cfg: DictConfig) -> None:
     """Apply ``check`` to the value of ``key`` in ``cfg`` (if ``cfg`` has the key); a failure
     raises OptionError (an FdfaError and a ValueError): one line naming the key, what it must be,
@@ -78,9 +81,6 @@ def check_key(key: str, check: Check, cfg: DictConfig) -> None:
             f"{key} must be {check.describe(config_text)}, got {value!r}; "
             f"e.g. {key}={config_text(check.example)}"
         ) from err
-
-
-_ABSENT = object()
 
 
 def validate_config(cfg: DictConfig) -> None:
