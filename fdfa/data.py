@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fdfa.checks import check_arguments, integer, one_of
 from fdfa.errors import FdfaError, one_line
-from fdfa.validate import check_options
 
 # torchvision class name and expected raw files of each dataset name used in conf/dataset/.
 _TORCHVISION = {
@@ -61,6 +61,14 @@ class TensorData:
 
     name = "tensors"
 
+    @check_arguments(
+        batch_size=integer(2, example=64, note=" (BatchNorm needs 2 samples per batch)"),
+        test_batch_size=integer(1, example=1000),
+        val_size=integer(0, example=0),
+        split_seed=integer(example=0),
+        subset=integer(2, example=1000, null=True),
+        augment=one_of("none", "flip_crop"),
+    )
     def __init__(
         self,
         train_x,
@@ -77,7 +85,6 @@ class TensorData:
         std: float | list = 0.5,
         augment: str = "none",
     ):
-        check_options("dataset", locals())
         train_idx, val_idx = validation_split(len(train_y), val_size, split_seed)
         self.val_x, self.val_y = train_x[val_idx], train_y[val_idx].long()
         train_x, train_y = train_x[train_idx], train_y[train_idx]

@@ -18,9 +18,9 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from fdfa.checks import check_arguments, number
 from fdfa.errors import FdfaError, one_line
 from fdfa.sweep import job_kind
-from fdfa.validate import check_options
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class WandbLogger:
 
     ID_FILE = "wandb_id"  # in the run dir: the W&B run id, continued when training resumes
 
+    @check_arguments("logger.wandb.", init_timeout=number(30))
     def __init__(
         self,
         out_dir: str,
@@ -155,7 +156,6 @@ class WandbLogger:
                 f"logger.wandb.mode must be one of {', '.join(WANDB_MODES[:4])}, got {mode!r} "
                 "(it defaults to $WANDB_MODE, else offline)"
             )
-        check_options("logger.wandb", {"init_timeout": init_timeout})
         self.run = None
         self._first_new_step = 0  # records before this step are in the W&B run already
         run_config, kind = dict(run_config or {}), job_kind()

@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fdfa.checks import boolean, check_arguments, integer, number
 from fdfa.rules.base import perturbed_forward
-from fdfa.validate import check_options
 
 TINY = 1e-300  # guards divisions by a zero norm (float64)
 WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -168,13 +168,18 @@ def rel_mse(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 class AlignmentMetrics:
     """Alignment, feedback and estimator metrics every ``every_n_steps`` steps (None: never)."""
 
+    @check_arguments(
+        "metrics.",  # built from the metrics section alone: its messages name its keys
+        every_n_steps=integer(1, example=1000, null=True, note=" ({null} turns the metrics off)"),
+        jacobian_metrics=boolean(),
+        jacobian_chunk_mb=number(32),
+    )
     def __init__(
         self,
         every_n_steps: int | None = 1000,
         jacobian_metrics: bool = True,
         jacobian_chunk_mb: float = 32,
     ):
-        check_options("metrics", locals())
         self.every_n_steps = every_n_steps
         self.jacobian_metrics = jacobian_metrics
         self.jacobian_chunk_mb = float(jacobian_chunk_mb)

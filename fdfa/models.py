@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fdfa.checks import check_arguments, integer
 from fdfa.errors import FdfaError
-from fdfa.validate import check_options
 
 
 class BlockNet(nn.Module):
@@ -50,8 +50,8 @@ def _numel(shape) -> int:
 class FCNet(BlockNet):
     """n hidden layers of Linear -> BatchNorm1d -> ReLU, then a Linear output layer."""
 
+    @check_arguments(n_layers=integer(1, example=2), width=integer(1, example=800, null=True))
     def __init__(self, input_shape, num_classes: int, n_layers: int = 2, width: int | None = None):
-        check_options("model", locals())
         super().__init__(input_shape, num_classes)
         if width is None:  # the reference code's widths: 800 for 28x28 digits, 1000 for CIFAR
             width = 800 if _numel(self.input_shape) <= 28 * 28 else 1000
@@ -128,8 +128,8 @@ class AlexNet(BlockNet):
 
     input_size = 224
 
+    @check_arguments(input_size=integer(1, example=224, null=True))
     def __init__(self, input_shape, num_classes: int, input_size: int = 224, fc_width: int = 4096):
-        check_options("model", locals())
         super().__init__(input_shape, num_classes)
         self.input_size = int(input_size)
         c, h, w = self.input_shape

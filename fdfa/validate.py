@@ -1,29 +1,29 @@
-"""Every check of user input that can run before any work, in one place.
+"""The config layer's checks of a command line and a composed config, before any work.
 
 - ``preflight(argv)``: before Hydra composes the config (unknown group options, unknown keys with
   the closest valid one, an unwritable run dir): Hydra's own messages for these are long, come
   with a traceback, or (``+trainer.epoch=1``) do not come at all.
-- ``validate_config(cfg)``: types and ranges of the composed config's values (CHECKS), also
-  applied by each component's constructor to its own arguments (``check_options``).
+- ``validate_config(cfg)``: types and ranges of the composed config's values, before anything is
+  built: each node's class checks its own arguments (declared on its constructor, fdfa/checks.py),
+  RUN_CHECKS the keys of no fdfa class; a failure names the config key.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import re
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from fdfa.checks import ArgumentError, Check, argument_checks, boolean, integer, number
 from fdfa.errors import FdfaError, OptionError
 
 _HERE = Path(__file__).resolve().parent
@@ -31,121 +31,71 @@ _HERE = Path(__file__).resolve().parent
 CONF_DIR = _HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf"
 
 
-def _number(v):
-    """A finite int or float (inf and nan are never a valid setting)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _integer(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-class Check(NamedTuple):
-    ok: Callable[[Any], bool]  # accepts the value
-    requirement: str  # what the value must be, for the message
-    example: Any  # a valid value, for the fix the message proposes
-
-
-def integer(low: int | None = None, example: int = 1, null: bool = False, note: str = "") -> Check:
-    """An integer >= ``low`` (any integer when None); also null (None) with ``null``."""
-    what = "an integer" if low is None else f"an integer >= {low}"
-    return Check(
-        lambda v: (null and v is None) or (_integer(v) and (low is None or v >= low)),
-        ("null or " if null else "") + what + note,
-        example,
-    )
-
-
-def number(example: float, low: float = 0, strict: bool = True) -> Check:
-    """A finite number > ``low`` (>= with ``strict=False``)."""
-    sign = ">" if strict else ">="
-    return Check(
-        lambda v: _number(v) and (v > low if strict else v >= low),
-        f"a finite number {sign} {low:g}",
-        example,
-    )
-
-
-def fraction(example: float) -> Check:
-    return Check(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", example)
-
-
-def one_of(*values) -> Check:
-    """One of ``values`` (the first is the example)."""
-    return Check(lambda v: v in values, " or ".join(map(str, values)), values[0])
-
-
-BOOLEAN = Check(lambda v: isinstance(v, bool), "true or false", "true")
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+DEVICE = Check(
+    lambda v: isinstance(v, str),
+    lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+    lambda spell: "auto, cpu or cuda",
+    "cpu",
+)
 
-# Every check of a single value, written once: config key -> Check. validate_config applies them
-# all before anything is built; a component's constructor applies those of its own arguments
-# (check_options), so Python code gets the same one-line message. A key absent from a config is
-# not checked. A new option: its YAML line, its constructor argument and its row here.
-CHECKS = {
-    "seed": Check(
-        lambda v: _integer(v) and 0 <= v <= SEED_MAX, f"an integer in [0, {SEED_MAX}]", 0
-    ),
+# The keys no fdfa constructor takes, with their checks: the run's own (seed and trainer.*, read
+# by fdfa/train.py's Run) and those of torch's optimizer and scheduler (torch checks them only
+# when they are built, after the data loaded, in messages that name no key). Every other value
+# is checked by the class its config node names (``_target_``), with the checks declared on its
+# constructor (fdfa/checks.py): a new option of a rule, model or dataset needs no line here.
+RUN_CHECKS = {
+    "seed": integer(0, high=SEED_MAX, example=0),
     "optimizer.lr": number(1e-3),
     "optimizer.weight_decay": number(0.0, strict=False),
-    "algorithm.feedback_lr": number(1e-4),
-    "algorithm.feedback_decay": fraction(0.0),
-    "algorithm.momentum": fraction(0.99),
-    "algorithm.n_directions": integer(1, example=4),
-    "algorithm.feedback_update": one_of("adam", "ema"),
-    "algorithm.feedback_init": one_of("zeros", "kaiming"),
-    "algorithm.per_sample": BOOLEAN,
-    "algorithm.perturbation": one_of("gaussian", "rademacher"),
-    "model.n_layers": integer(1, example=2),
-    "model.width": integer(1, example=800, null=True),
-    "model.input_size": integer(1, example=224, null=True),
-    "dataset.batch_size": integer(2, example=64, note=" (BatchNorm needs 2 samples per batch)"),
-    "dataset.test_batch_size": integer(1, example=1000),
-    "dataset.val_size": integer(0, example=0),
-    "dataset.split_seed": integer(example=0),
-    "dataset.subset": integer(2, example=1000, null=True),
-    "dataset.augment": one_of("none", "flip_crop"),
     "scheduler.gamma": number(0.99),
     "trainer.epochs": integer(1, example=10),
     "trainer.max_steps": integer(1, example=1000, null=True),
     "trainer.ckpt_every_n_steps": integer(1, example=500, null=True),
-    "trainer.device": Check(
-        lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
-        "auto, cpu or cuda",
-        "cpu",
-    ),
-    "trainer.cuda_graph": BOOLEAN,
-    "metrics.every_n_steps": integer(1, 1000, null=True, note=" (null turns the metrics off)"),
-    "metrics.jacobian_metrics": BOOLEAN,
-    "metrics.jacobian_chunk_mb": number(32),
-    "logger.wandb.init_timeout": number(30),
+    "trainer.device": DEVICE,
+    "trainer.cuda_graph": boolean(),
 }
 
 
-def check_value(key: str, value) -> None:
-    """Raise OptionError (an FdfaError and a ValueError) if ``value`` fails the check of
-    ``key``: one line naming the key, what it must be, and an example."""
-    check = CHECKS[key]
-    if not check.ok(value):
+def config_text(value) -> str:
+    """A value as a config (and the command line) writes it: ``null``, ``true``, ``adam``."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
+
+
+_ABSENT = object()
+
+
+def check_key(key: str, check: Check, cfg: DictConfig) -> None:
+    """Apply ``check`` to the value of ``key`` in ``cfg`` (if ``cfg`` has the key); a failure
+    raises OptionError (an FdfaError and a ValueError): one line naming the key, what it must be,
+    and an example."""
+    value = OmegaConf.select(cfg, key, default=_ABSENT)
+    if value is _ABSENT:
+        return
+    try:
+        check(key, value)
+    except ArgumentError as err:
         raise OptionError(
-            f"{key} must be {check.requirement}, got {value!r}; e.g. {key}={check.example}"
-        )
-
-
-def check_options(section: str, args: dict) -> None:
-    """A constructor's check of its arguments, its first line: ``check_options("algorithm",
-    locals())`` checks each argument that has a row ``algorithm.<name>`` in CHECKS."""
-    for name, value in args.items():
-        if f"{section}.{name}" in CHECKS:
-            check_value(f"{section}.{name}", value)
+            f"{key} must be {check.describe(config_text)}, got {value!r}; "
+            f"e.g. {key}={config_text(check.example)}"
+        ) from err
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise OptionError naming the first value of the wrong type or out of range."""
-    for key in CHECKS:
-        value = OmegaConf.select(cfg, key, default="<absent>")
-        if value != "<absent>":
-            check_value(key, value)
+    """Raise OptionError naming the first value of the wrong type or out of range: the keys of
+    RUN_CHECKS, then each argument of each config node's class (``_target_``) that the class
+    checks (fdfa.checks.argument_checks), before any of them is built."""
+    for key, check in RUN_CHECKS.items():
+        check_key(key, check, cfg)
+    for node, target in _flat_keys(cfg)[1].items():
+        try:
+            cls = get_object(target)
+        except Exception:  # noqa: BLE001 (a missing class: instantiate reports it, as Hydra says)
+            continue
+        for name, check in argument_checks(cls).items():
+            check_key(f"{node}.{name}", check, cfg)
 
 
 GROUP_OVERRIDE = re.compile(r"^(\w+)=(.*)$")
@@ -184,7 +134,9 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Refuse a key the composed config does not have, with or without ``+``/``++``, naming the
     closest valid key: Hydra refuses ``trainer.epoch=1`` with a hint to add ``+``, and then
     accepts it and trains the default epochs. A config node whose class is the user's (its
-    ``_target_`` set on the command line, or one not in conf/) takes any key."""
+    ``_target_`` set on the command line, or one not in conf/) takes any key. Hydra's own keys
+    (``hydra.sweeper.n_trials``) are checked against Hydra's structured configs, whose free
+    dicts (``hydra.sweeper.params``, ``hydra.job.env_set``) take any key."""
     try:
         overrides = OverridesParser.create().parse_overrides(
             [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]
@@ -197,14 +149,14 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         for o in overrides
         if not _is_group(o, conf_dir)
         and o.type in (OverrideType.CHANGE, OverrideType.ADD, OverrideType.FORCE_ADD)
-        and o.key_or_group.split("/")[0].split(".")[0] != "hydra"  # Hydra's own
     ]
     if not keys:
         return
     try:
-        configs = [_flat_keys(cfg) for cfg in _compositions(groups, conf_dir)]
+        composed = list(_compositions(groups, conf_dir))
     except HydraException:
         return  # a bad combination of options: Hydra says which when it composes
+    configs = [_flat_keys(cfg) for cfg in composed]
     known = set().union(*(c for c, _ in configs))
     free = {k.removesuffix("._target_") for k in keys if k.endswith("._target_")}
     free |= {
@@ -215,14 +167,57 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     }
     for key in keys:
         parts = key.split(".")
-        if key in known or any(".".join(parts[:i]) in free for i in range(1, len(parts))):
+        if any(".".join(parts[:i]) in free for i in range(1, len(parts))):
             continue
-        raise FdfaError(_unknown_key_message(key, known))
+        if parts[0] == "hydra":
+            _check_hydra_key(key, [cfg.hydra for cfg in composed])
+        elif key not in known:
+            raise FdfaError(_unknown_key_message(key, known))
+
+
+def _check_hydra_key(key: str, hydra_configs: list[DictConfig]) -> None:
+    """Refuse ``key`` (``hydra.<...>``) where one of its parents is one of Hydra's structured
+    configs (a dataclass: the sweeper's, the launcher's, hydra.run) that lacks the next part; a
+    free dict, or a parent with no node to look into, takes it (Hydra decides)."""
+    for hydra_cfg in hydra_configs:
+        node, parts = hydra_cfg, key.split(".")[1:]
+        for part in parts:
+            if not isinstance(node, DictConfig) or OmegaConf.get_type(node) in (dict, None):
+                return
+            if part not in node.keys():
+                break
+            node = _child(node, part)
+        else:
+            return
+    known = {f"hydra.{k}" for cfg in hydra_configs for k in _structured_keys(cfg)}
+    raise FdfaError(_unknown_key_message(key, known, lists_all="python run.py --cfg hydra"))
+
+
+def _child(node: DictConfig, key):
+    """``node[key]``, or None where it cannot be read yet (a missing value, an interpolation of
+    Hydra's runtime)."""
+    try:
+        return node[key]
+    except Exception:  # noqa: BLE001 (OmegaConf raises several kinds)
+        return None
+
+
+def _structured_keys(node: DictConfig, prefix: str = "") -> set[str]:
+    """The dotted keys of a structured config's nodes, down to its free dicts."""
+    keys = set()
+    for k in node.keys():
+        keys.add(prefix + str(k))
+        child = _child(node, k)
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
+            keys |= _structured_keys(child, f"{prefix}{k}.")
+    return keys
 
 
 def _is_group(override: Override, conf_dir: Path) -> bool:
-    """A choice of fdfa's groups (algorithm=bp, ~model, experiment=..., sweep=...), not a key."""
-    return group_dir(override.key_or_group, conf_dir) is not None
+    """A choice of a group (algorithm=bp, ~model, experiment=..., sweep=..., Hydra's
+    hydra/launcher=joblib), not a key."""
+    group = override.key_or_group
+    return group.startswith("hydra/") or group_dir(group, conf_dir) is not None
 
 
 def group_dir(group: str, conf_dir: Path = CONF_DIR) -> Path | None:
@@ -250,7 +245,8 @@ def _compositions(groups: list[Override], conf_dir: Path):
     variants = [first] + [{**first, g: v} for g, values in swept.items() for v in values[1:]]
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         for chosen in variants:
-            yield compose("config", fixed + [f"{g}={v}" for g, v in chosen.items()])
+            overrides = fixed + [f"{g}={v}" for g, v in chosen.items()]
+            yield compose("config", overrides, return_hydra_config=True)
 
 
 def _flat_keys(cfg: DictConfig) -> tuple[set[str], dict[str, str]]:
@@ -273,12 +269,14 @@ def _flat_keys(cfg: DictConfig) -> tuple[set[str], dict[str, str]]:
     return keys, targets
 
 
-def _unknown_key_message(key: str, known: set[str]) -> str:
+def _unknown_key_message(
+    key: str, known: set[str], lists_all: str = "python run.py --cfg job"
+) -> str:
     public = sorted(k for k in known if not k.rpartition(".")[2].startswith("_"))  # no _target_
     candidates = [k for k in public if not key.startswith(k + ".")]  # not its own parents
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if close:
-        return f"unknown key {key}: did you mean {close[0]}? (python run.py --cfg job lists all)"
+        return f"unknown key {key}: did you mean {close[0]}? ({lists_all} lists all)"
     section, _, _ = key.rpartition(".")
     siblings = [k.removeprefix(section + ".") for k in public if k.rpartition(".")[0] == section]
     if not siblings:

@@ -218,12 +218,12 @@ def test_fdfa_feedback_init():
 @pytest.mark.parametrize(
     "make, key",
     [
-        (lambda m: FGW(m, n_directions=0), "algorithm.n_directions"),
-        (lambda m: FGA(m, n_directions=2.5), "algorithm.n_directions"),
-        (lambda m: FDFA(m, n_directions=True), "algorithm.n_directions"),
-        (lambda m: FGA(m, per_sample="yes"), "algorithm.per_sample"),
-        (lambda m: FDFA(m, feedback_init="ones"), "algorithm.feedback_init"),
-        (lambda m: FDFA(m, feedback_update="sgd"), "algorithm.feedback_update"),
+        (lambda m: FGW(m, n_directions=0), "n_directions"),
+        (lambda m: FGA(m, n_directions=2.5), "n_directions"),
+        (lambda m: FDFA(m, n_directions=True), "n_directions"),
+        (lambda m: FGA(m, per_sample="yes"), "per_sample"),
+        (lambda m: FDFA(m, feedback_init="ones"), "feedback_init"),
+        (lambda m: FDFA(m, feedback_update="sgd"), "feedback_update"),
     ],
 )
 def test_bad_options_raise_one_clear_error(make, key):

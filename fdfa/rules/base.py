@@ -22,10 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdfa.checks import check_arguments, fraction, integer, number, one_of
 from fdfa.models import check_block_net, hidden_shapes
 from fdfa.rules.perturbation import draw
 from fdfa.tangents import forward_with_tangent
-from fdfa.validate import check_options
+
+# The checks of the options several rules share (fdfa/checks.py), declared once.
+FEEDBACK_INIT = one_of("zeros", "kaiming")
+FEEDBACK_LR = number(1e-4)
+FEEDBACK_DECAY = fraction(0.0)
+N_DIRECTIONS = integer(1, example=4)
 
 
 class StepOutput(NamedTuple):
@@ -83,9 +89,9 @@ class DirectFeedbackRule(LearningRule):
     """Shared by DFA, DKP and FDFA: one feedback tensor B_l of shape [classes, *h_l.shape[1:]] per
     hidden block, created here from a probe forward; each block is trained on its local graph."""
 
+    @check_arguments(init=FEEDBACK_INIT)
     def __init__(self, model: nn.Module, init: str = "zeros"):
         super().__init__(model)
-        check_options("algorithm", {"feedback_init": init})
         params = []
         ref = next(model.parameters())  # feedback lives on the model's device, in its dtype
         for shape in hidden_shapes(model):

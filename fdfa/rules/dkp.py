@@ -3,13 +3,19 @@
 B_l starts at 0; its gradient is e^T h_l summed over the batch, applied by Adam at ``feedback_lr``
 with L2 weight decay ``feedback_decay`` (as the reference code)."""
 
-from fdfa.rules.base import DirectFeedbackRule, FeedbackAdam, StepOutput
-from fdfa.validate import check_options
+from fdfa.checks import check_arguments
+from fdfa.rules.base import (
+    FEEDBACK_DECAY,
+    FEEDBACK_LR,
+    DirectFeedbackRule,
+    FeedbackAdam,
+    StepOutput,
+)
 
 
 class DKP(DirectFeedbackRule):
+    @check_arguments(feedback_lr=FEEDBACK_LR, feedback_decay=FEEDBACK_DECAY)
     def __init__(self, model, feedback_lr: float = 1e-4, feedback_decay: float = 0.0):
-        check_options("algorithm", locals())
         super().__init__(model, init="zeros")
         self.feedback_optimizer = FeedbackAdam(
             self.feedback.parameters(), lr=feedback_lr, weight_decay=feedback_decay

@@ -18,7 +18,12 @@ update (the reference code's order).
 
 import torch
 
+from fdfa.checks import check_arguments, fraction, one_of
 from fdfa.rules.base import (
+    FEEDBACK_DECAY,
+    FEEDBACK_INIT,
+    FEEDBACK_LR,
+    N_DIRECTIONS,
     DirectFeedbackRule,
     FeedbackAdam,
     StepOutput,
@@ -26,12 +31,17 @@ from fdfa.rules.base import (
     dual_forward,
     perturbed_forward,
 )
-from fdfa.validate import check_options
+from fdfa.rules.perturbation import PERTURBATION
 
 
 class FDFA(DirectFeedbackRule):
     forward_mode = True
 
+    @check_arguments(
+        feedback_update=one_of("adam", "ema"), momentum=fraction(0.99), feedback_lr=FEEDBACK_LR,
+        feedback_decay=FEEDBACK_DECAY, feedback_init=FEEDBACK_INIT, n_directions=N_DIRECTIONS,
+        perturbation=PERTURBATION,
+    )  # fmt: skip
     def __init__(
         self,
         model,
@@ -43,7 +53,6 @@ class FDFA(DirectFeedbackRule):
         n_directions: int = 1,
         perturbation: str = "gaussian",
     ):
-        check_options("algorithm", locals())
         super().__init__(model, init=feedback_init)
         self.feedback_update = feedback_update
         self.momentum = float(momentum)

@@ -27,23 +27,20 @@ tangent pass.
 
 import torch
 
+from fdfa.checks import boolean, check_arguments
 from fdfa.models import hidden_shapes
-from fdfa.rules.base import (
-    LearningRule,
-    StepOutput,
-    draw_block_perturbations,
-)
+from fdfa.rules.base import N_DIRECTIONS, LearningRule, StepOutput, draw_block_perturbations
 from fdfa.rules.base import perturbed_forward as _perturbed_forward
-from fdfa.validate import check_options
+from fdfa.rules.perturbation import PERTURBATION
 
 
 class FGA(LearningRule):
     forward_mode = True
 
+    @check_arguments(n_directions=N_DIRECTIONS, per_sample=boolean(), perturbation=PERTURBATION)
     def __init__(
         self, model, n_directions: int = 1, per_sample: bool = True, perturbation: str = "gaussian"
     ):
-        check_options("algorithm", locals())
         super().__init__(model)
         self.n_directions = n_directions
         self.perturbation = perturbation

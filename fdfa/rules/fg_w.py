@@ -20,20 +20,16 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, jvp, vmap
 
-from fdfa.rules.base import (
-    LearningRule,
-    StepOutput,
-    batch_statistics_only,
-)
-from fdfa.rules.perturbation import draw
-from fdfa.validate import check_options
+from fdfa.checks import check_arguments
+from fdfa.rules.base import N_DIRECTIONS, LearningRule, StepOutput, batch_statistics_only
+from fdfa.rules.perturbation import PERTURBATION, draw
 
 
 class FGW(LearningRule):
     forward_mode = True
 
+    @check_arguments(n_directions=N_DIRECTIONS, perturbation=PERTURBATION)
     def __init__(self, model, n_directions: int = 1, perturbation: str = "gaussian"):
-        check_options("algorithm", locals())
         super().__init__(model)
         self.n_directions = n_directions
         self.perturbation = perturbation

@@ -23,7 +23,10 @@ import math
 
 import torch
 
+from fdfa.checks import one_of
+
 KINDS = ("gaussian", "rademacher")
+PERTURBATION = one_of(*KINDS)  # the check of a rule's ``perturbation`` argument
 _SIGNS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
