@@ -12,7 +12,6 @@ stopped by SIGINT / SIGTERM (last.ckpt written: rerun to resume), 1 a bug (a tra
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import shlex
@@ -25,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fdfa.allocator import keep_freed_memory
-from fdfa.errors import FdfaError, Interrupted, RunDirRefused, one_line, user_errors
+from fdfa.errors import Interrupted, RunDirRefused, user_errors
 from fdfa.sweep import assign_job_gpu, job_callbacks, record_machine_gpus
 from fdfa.train import train
 from fdfa.validate import CONF_DIR, preflight
@@ -43,8 +42,6 @@ def task(cfg: DictConfig) -> float:
         "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
     }
     single = hc.mode != RunMode.MULTIRUN
-    with user_errors(on_error=to_run_log, active=single):
-        check_targets(cfg)
     # in a sweep every error propagates: the sweeper records the failed job and goes on
     with user_errors(on_error=to_run_log, active=single):
         try:
@@ -59,36 +56,6 @@ def task(cfg: DictConfig) -> float:
     # without a validation set, the last epoch's test accuracy (never the max over epochs).
     best_val = summary["best/val/acc"]
     return summary["selected/test/acc"] if best_val is None else best_val
-
-
-def check_targets(cfg: DictConfig) -> None:
-    """Every required value is set and every class a config names can be imported: one line
-    each (a user's own class by model._target_=mynet.MyNet, from the current directory)."""
-    for key in OmegaConf.missing_keys(cfg):
-        raise FdfaError(f"{key} must be set (e.g. {key}=mynet.MyNet for model=custom)")
-    for key, node in _nodes(cfg):
-        target = node.get("_target_")
-        if not isinstance(target, str) or key.startswith("hydra"):
-            continue
-        module, _, name = target.rpartition(".")
-        try:
-            found = getattr(importlib.import_module(module), name, None) if module else None
-        except ImportError as err:
-            raise FdfaError(
-                f"{key}._target_={target}: cannot import {module} ({one_line(err)}); put "
-                f"{module.split('.')[0]}.py in the current directory or on PYTHONPATH"
-            ) from None
-        if found is None:
-            raise FdfaError(f"{key}._target_={target}: {module} has no {name!r}")
-
-
-def _nodes(cfg: DictConfig, prefix: str = ""):
-    """(dotted key, node) of every config node under ``cfg``, depth first."""
-    for key in cfg:
-        node = cfg._get_node(key)
-        if isinstance(node, DictConfig):
-            yield prefix + str(key), node
-            yield from _nodes(node, f"{prefix}{key}.")
 
 
 def resume_command(hc) -> str:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import re
 import tempfile
@@ -20,11 +21,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
-from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from fdfa.checks import ArgumentError, Check, argument_checks, boolean, integer, number
-from fdfa.errors import FdfaError, OptionError
+from fdfa.errors import FdfaError, OptionError, one_line
 
 _HERE = Path(__file__).resolve().parent
 # conf/ shipped inside the package (a wheel), else the checkout's conf/ beside fdfa/
@@ -87,15 +87,29 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise OptionError naming the first value of the wrong type or out of range: the keys of
     RUN_CHECKS, then each argument of each config node's class (``_target_``) that the class
     checks (fdfa.checks.argument_checks), before any of them is built."""
+    for key in OmegaConf.missing_keys(cfg):  # ??? in a config: model=custom's _target_
+        raise OptionError(f"{key} must be set (e.g. {key}=mynet.MyNet for model=custom)")
     for key, check in RUN_CHECKS.items():
         check_key(key, check, cfg)
     for node, target in _flat_keys(cfg)[1].items():
-        try:
-            cls = get_object(target)
-        except Exception:  # noqa: BLE001 (a missing class: instantiate reports it, as Hydra says)
-            continue
-        for name, check in argument_checks(cls).items():
+        for name, check in argument_checks(target_class(node, target)).items():
             check_key(f"{node}.{name}", check, cfg)
+
+
+def target_class(node: str, target: str):
+    """The class (or function) a config node's ``_target_`` names, or one line saying why not
+    (a user's own module is found in the current directory or on PYTHONPATH)."""
+    module, _, name = target.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError as err:
+        raise FdfaError(
+            f"{node}._target_={target}: cannot import {module} ({one_line(err)}); put "
+            f"{module.split('.')[0]}.py in the current directory or on PYTHONPATH"
+        ) from None
+    if found is None:
+        raise FdfaError(f"{node}._target_={target}: {module or target} has no {name!r}")
+    return found
 
 
 GROUP_OVERRIDE = re.compile(r"^(\w+)=(.*)$")
