@@ -12,8 +12,10 @@ Hidden block l is named by position and by its first Conv/Linear layer: ``fc1``,
 - ``align/<l>/cos``, ``align/<l>/angle_deg``: between the rule's update of W_l and the true
   gradient dL/dW_l (cos 1, angle 0 for BP), and ``align/mean_cos``, the mean over blocks.
 - ``align/<l>/norm_ratio``: |rule's update| / |dL/dW_l|.
-- ``feedback/<l>/cos`` (rules with one feedback tensor per block: DFA, DKP, FDFA): between B_l
-  and the target J_l of :func:`output_jacobians`.
+- ``feedback/<l>/cos`` (rules with one feedback tensor per block: DFA, DKP, FDFA, DRTP): between
+  B_l and the target J_l of :func:`output_jacobians`. For the backward-path rules (FA, KP, uSF,
+  brSF, frSF: ``feedback_pairs()``) it is per weight layer instead, between the B that layer's
+  backward uses and its W (names: :func:`weight_layer_names`; brSF: a fresh draw of its B).
 - ``estimator/<l>/grad_rel_mse`` (every rule): |update - dL/dW_l|^2 / |dL/dW_l|^2, the relative
   squared error of the rule's update of W_l, the update it applies (0 for BP; for DFA and DKP a
   deterministic function of B_l; for FDFA the update from its B_l, not Ĵ_l). One number on one
@@ -59,6 +61,19 @@ def block_names(model: nn.Module) -> list[str]:
         layer = first_weight_layer(block)
         kind = "block" if layer is None else "fc" if isinstance(layer, nn.Linear) else "conv"
         names.append(f"{kind}{i}")
+    return names
+
+
+def weight_layer_names(model: nn.Module) -> dict[nn.Module, str]:
+    """A name for every Conv/Linear layer: a block's first is the block's (``fc1``), its k-th
+    ``<block>.<k>``; the head's ``head`` (``head.<k>``); any other layer its module path."""
+    names = {}
+    for owner, name in zip([*model.blocks, model.head], [*block_names(model), "head"]):
+        layers = [m for m in owner.modules() if isinstance(m, WEIGHT_LAYERS)]
+        for k, layer in enumerate(layers, start=1):
+            names.setdefault(layer, name if k == 1 else f"{name}.{k}")
+    for path, layer in model.named_modules():
+        names.setdefault(layer, path)
     return names
 
 
@@ -254,5 +269,9 @@ class AlignmentMetrics:
                 out[f"estimator/{name}/jacobian_rel_mse"] = rel_mse(
                     flat([estimates[i]]), flat([targets[i]])
                 )
+        pairs = rule.feedback_pairs() if callable(getattr(rule, "feedback_pairs", None)) else []
+        layer_names = weight_layer_names(model) if pairs else {}
+        for layer, b in pairs:  # backward-path rules: the B in place of W^T against W
+            out[f"feedback/{layer_names[layer]}/cos"] = cosine(flat([b]), flat([layer.weight]))
         out["align/mean_cos"] = torch.stack(cosines).mean()
         return out

@@ -79,7 +79,8 @@ def test_compare_sweep_runs_every_rule_with_three_seeds():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["sweep=compare"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert params.algorithm.split(",") == ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a"]
+    direct = ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a"]
+    assert params.algorithm.split(",") == [*direct, "fa", "kp", "usf", "brsf", "frsf", "drtp"]
     assert sorted(params.algorithm.split(",")) == ALGORITHMS and params.seed == "0,1,2"
 
 
