@@ -157,7 +157,7 @@ def test_kp_feedback_optimizer_is_a_copy_of_the_forward_one(optimizer):
 
 
 def test_kp_rejects_a_feedback_optimizer_that_is_not_callable():
-    with pytest.raises(ValueError, match="algorithm.feedback_optimizer"):
+    with pytest.raises(ValueError, match="^feedback_optimizer must build an optimizer"):
         KP(NETS["fc"](), feedback_optimizer=0.1)
 
 

@@ -29,7 +29,7 @@ class KP(FA):
     def __init__(self, model, feedback_optimizer=None):
         if feedback_optimizer is not None and not callable(feedback_optimizer):
             raise ValueError(
-                "algorithm.feedback_optimizer must build an optimizer from parameters "
+                "feedback_optimizer must build an optimizer from parameters "
                 f"(e.g. ${{optimizer}}), got {feedback_optimizer!r}"
             )
         super().__init__(model)
