@@ -7,6 +7,7 @@ import os
 import shutil
 import statistics
 import warnings
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -15,12 +16,15 @@ from omegaconf import OmegaConf
 
 from fdfa.report import (
     Row,
+    RunData,
     _mean_band,
+    group_rows,
     load_run,
     main,
     make_report,
     plot_accuracy,
     plot_layers,
+    row_stats,
 )
 from fdfa.train import train
 from tests.helpers import CONF, compose_config, run_cli, synthetic_overrides
@@ -224,6 +228,30 @@ def test_table_numbers_match_the_runs_files(runs, report):
 
 
 PAIRS = (("bp", "single"), ("fdfa", "sweep"))
+
+
+def fake_run(algorithm, seed, acc, **config):
+    """A finished run in memory: one evaluation (test acc ``acc``) and a flat config."""
+    summary = {"status": "completed", "dataset": "synthetic", "model": "fc", "seed": seed}
+    config = {"seed": seed, "trainer.epochs": 1, "algorithm._target_": algorithm, **config}
+    records = [{"epoch": 1, "step": 10, "test/acc": acc, "time_s": 1.0}]
+    return RunData(
+        Path(f"/runs/{algorithm}-{seed}"), {**summary, "algorithm": algorithm}, records, config
+    )
+
+
+def test_the_difference_to_bp_pairs_runs_by_seed_not_by_rank():
+    """BP has seeds 0, 1, 2, DFA seeds 2 and 1 (listed in that order): DFA minus BP on seeds 1
+    and 2, never DFA's first run minus BP's first."""
+    bp = [fake_run("bp", s, acc) for s, acc in ((0, 0.5), (1, 0.6), (2, 0.9))]
+    dfa = [fake_run("dfa", 2, 0.95), fake_run("dfa", 1, 0.7)]
+    rows = group_rows(bp + dfa)
+    stats = {s["algorithm"]: s for s in (row_stats(row, rows) for row in rows)}
+    diffs = [0.7 - 0.6, 0.95 - 0.9]  # seeds 1 and 2
+    assert stats["dfa"]["diff_to_bp_pairs"] == 2
+    assert stats["dfa"]["diff_to_bp_mean"] == pytest.approx(statistics.fmean(diffs))
+    half = 12.7062047 * statistics.stdev(diffs) / 2**0.5
+    assert stats["dfa"]["diff_to_bp_ci95"] == pytest.approx(half, rel=1e-7)
 
 
 def test_plots_are_valid_pngs(report):
