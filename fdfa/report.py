@@ -52,6 +52,7 @@ from omegaconf import OmegaConf
 
 from fdfa.errors import FdfaError, one_line, user_errors
 from fdfa.protocol import evaluation_records, mean_ci, select_epoch
+from fdfa.validate import CONF_DIR
 
 # The usual order of the rules in tables and legends; other names follow, sorted.
 ALGORITHM_ORDER = ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a"]
@@ -511,13 +512,50 @@ def _by_seed(row: Row) -> dict:
     return {r.seed: r.selected_acc() for r in row.runs if r.seed is not None}
 
 
-def baseline_row(row: Row, rows: list[Row]) -> Row | None:
-    """The BP row to pair ``row`` with: same dataset and model, the same variant if several."""
-    bp = [r for r in rows if (r.dataset, r.model) == (row.dataset, row.model)]
-    bp = [r for r in bp if r.runs[0].names[2] == "bp" and r is not row]
-    if len(bp) > 1:
-        bp = [r for r in bp if r.variant == row.variant]
-    return bp[0] if len(bp) == 1 and row.runs[0].names[2] != "bp" else None
+def own_options(algorithm: str) -> set[str]:
+    """The optimizer keys a rule sets itself (conf/algorithm/optimizer/<algorithm>_<optimizer>.yaml,
+    e.g. FG-W's lr): like algorithm.*, they are the rule's own options, not the experiment's."""
+    keys = set()
+    for preset in (CONF_DIR / "algorithm" / "optimizer").glob(f"{algorithm}_*.yaml"):
+        keys |= {f"optimizer.{k}" for k in (OmegaConf.load(preset) or {})}
+    return keys
+
+
+def setting_differences(run: RunData, base: RunData) -> list[str]:
+    """The relevant keys in which two runs differ, except the rules' own options (algorithm.*,
+    own_options): runs without any are the same experiment with another rule."""
+    own = own_options(run.names[2]) | own_options(base.names[2])
+    a, b = run.relevant, base.relevant
+    keys = {k for k in set(a) | set(b) if not k.startswith("algorithm.") and k not in own}
+    return sorted(k for k in keys if repr(a.get(k, "<unset>")) != repr(b.get(k, "<unset>")))
+
+
+def baseline_row(row: Row, rows: list[Row]) -> tuple[Row | None, str | None]:
+    """The BP row to pair ``row`` with: same dataset and model names, and settings that agree in
+    all but the rule and its own options (setting_differences); else None and why not."""
+    name = row.runs[0].names[2]
+    if name == "bp":
+        return None, None
+    bp = [r for r in rows if r.runs[0].names == (*row.runs[0].names[:2], "bp")]
+    if not bp:
+        return None, f"no BP run of {row.dataset} / {row.runs[0].names[1]}"
+    if row.runs[0].config is None or any(r.runs[0].config is None for r in bp):
+        return None, "a run without .hydra/config.yaml: its settings cannot be checked against BP's"
+    diffs = {id(r): setting_differences(row.runs[0], r.runs[0]) for r in bp}
+    same = [r for r in bp if not diffs[id(r)]]
+    if len(same) == 1:
+        return same[0], None
+    nearest = min(bp, key=lambda r: len(diffs[id(r)]))
+    mine, theirs = row.runs[0].relevant, nearest.runs[0].relevant
+    shown = [
+        f"{k} ({_fmt_value(mine.get(k, '<unset>'))} here, {_fmt_value(theirs.get(k, '<unset>'))}"
+        " in BP)"
+        for k in diffs[id(nearest)][:3]
+    ]
+    more = len(diffs[id(nearest)]) - len(shown)
+    return None, "no BP run with the same settings: BP's differ in " + ", ".join(shown) + (
+        f" and {more} more key(s)" if more > 0 else ""
+    )
 
 
 def row_stats(row: Row, rows: list[Row] = ()) -> dict:
@@ -527,13 +565,15 @@ def row_stats(row: Row, rows: list[Row] = ()) -> dict:
     vals = [v for r in row.runs if (v := r.selection()["best/val/acc"]) is not None]
     diff_mean = diff_ci = None
     pairs = 0
-    base = baseline_row(row, list(rows))
+    base, unpaired = baseline_row(row, list(rows))
     if base is not None:
         mine, theirs = _by_seed(row), _by_seed(base)
         diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs), key=str)]
         pairs = len(diffs)
         if diffs:
             diff_mean, diff_ci = mean_ci(diffs)
+        else:
+            unpaired = "no seed in common with BP's runs"
     epochs = sorted({r.epochs_done() for r in row.runs})
     times = [t for t, _ in map(RunData.epoch_seconds, row.runs) if t is not None]
     aligns = [a for a in map(RunData.final_alignment, row.runs) if a is not None]
@@ -550,6 +590,7 @@ def row_stats(row: Row, rows: list[Row] = ()) -> dict:
         "diff_to_bp_mean": diff_mean,  # paired by seed: this rule minus BP
         "diff_to_bp_ci95": diff_ci,
         "diff_to_bp_pairs": pairs,
+        "diff_to_bp_unpaired_why": unpaired,  # None where paired (or for BP itself)
         "best_val_acc_mean": statistics.fmean(vals) if vals else None,
         "final_test_acc_mean": final_mean,
         "final_test_acc_ci95": final_ci,
@@ -731,8 +772,10 @@ NOTES = [
     "validation accuracy (the first on ties; the last epoch for runs without a validation set), "
     "then the mean over seeds ± the half-width of the 95 % Student-t confidence interval "
     "(t_{0.975, n-1} s / sqrt(n)); no ± for a single run.",
-    "Δ vs BP: this row's selected test accuracy minus BP's on the same seeds (same dataset and "
-    "model), mean ± 95 % CI of the paired differences; — where no BP run shares a seed.",
+    "Δ vs BP: this row's selected test accuracy minus BP's on the same seeds, mean ± 95 % CI of "
+    "the paired differences, against the BP runs whose settings agree in everything but the rule "
+    "and its own options (algorithm.*, and an optimizer key the rule's own preset sets, e.g. "
+    "FG-W's lr); — where there is none (why: below).",
     "best val acc: mean over seeds of each run's best validation accuracy (— without one). "
     "final test acc: the last epoch's, mean ± 95 % CI. The max of test accuracy over epochs is "
     "in results.csv only (max_test_acc_optimistic_mean): it is chosen on the test set itself.",
@@ -780,6 +823,7 @@ def make_report(dirs, out: str | Path) -> Report:
     rows = group_rows(runs)
     out.mkdir(parents=True, exist_ok=True)
     stats = [row_stats(row, rows) for row in rows]
+    notes += unpaired_notes(stats)
     write_csv(stats, out / "results.csv")
     plots, skipped_plots = make_plots(rows, out)
     skipped += skipped_plots
@@ -804,6 +848,20 @@ def make_report(dirs, out: str | Path) -> Report:
             lines += [f"- {item.what}: {item.why}" for item in items]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return Report(rows, plots, skipped, notes)
+
+
+def unpaired_notes(stats: list[dict]) -> list[str]:
+    """One note per (dataset, model, reason) saying which rows have no Δ vs BP and why."""
+    rows_by_why = {}
+    for s in stats:
+        if s["diff_to_bp_unpaired_why"]:
+            key = (s["dataset"], s["model"], s["diff_to_bp_unpaired_why"])
+            label = s["algorithm"] + (f" [{s['variant']}]" if s["variant"] else "")
+            rows_by_why.setdefault(key, []).append(label)
+    return [
+        f"Δ vs BP empty for {', '.join(labels)} ({dataset} / {model}): {why}."
+        for (dataset, model, why), labels in rows_by_why.items()
+    ]
 
 
 def _by_kind(skipped: list[Skip]) -> dict[str, list[Skip]]:

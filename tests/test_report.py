@@ -25,6 +25,7 @@ from fdfa.report import (
     plot_accuracy,
     plot_layers,
     row_stats,
+    unpaired_notes,
 )
 from fdfa.train import train
 from tests.helpers import CONF, compose_config, run_cli, synthetic_overrides
@@ -252,6 +253,45 @@ def test_the_difference_to_bp_pairs_runs_by_seed_not_by_rank():
     assert stats["dfa"]["diff_to_bp_mean"] == pytest.approx(statistics.fmean(diffs))
     half = 12.7062047 * statistics.stdev(diffs) / 2**0.5
     assert stats["dfa"]["diff_to_bp_ci95"] == pytest.approx(half, rel=1e-7)
+
+
+def test_only_runs_of_the_same_settings_are_paired_with_bp():
+    """A rule's own options (algorithm.*, FG-W's own lr preset) may differ from BP's; any other
+    setting (epochs, another lr for a rule without a preset of its own) leaves Δ empty."""
+    bp = [fake_run("bp", s, 0.5 + 0.1 * s, **{"optimizer.lr": 1e-4}) for s in (0, 1)]
+    fdfa = [fake_run("fdfa", s, 0.6, **{"optimizer.lr": 1e-4, "algorithm.n": 3}) for s in (0, 1)]
+    fg_w = [fake_run("fg_w", s, 0.4, **{"optimizer.lr": 1e-3}) for s in (0, 1)]
+    dfa = [fake_run("dfa", s, 0.4, **{"optimizer.lr": 1e-3}) for s in (0, 1)]
+    dkp = [fake_run("dkp", s, 0.4, **{"optimizer.lr": 1e-4, "trainer.epochs": 2}) for s in (0, 1)]
+    rows = group_rows(bp + fdfa + fg_w + dfa + dkp)
+    stats = {s["algorithm"]: s for s in (row_stats(row, rows) for row in rows)}
+    assert [stats[a]["diff_to_bp_pairs"] for a in ("fdfa", "fg_w", "dfa", "dkp")] == [2, 2, 0, 0]
+    assert stats["fdfa"]["diff_to_bp_mean"] == pytest.approx(0.6 - 0.55)
+    assert stats["dfa"]["diff_to_bp_mean"] is None
+    assert stats["dfa"]["diff_to_bp_unpaired_why"] == (
+        "no BP run with the same settings: BP's differ in optimizer.lr (0.001 here, 0.0001 in BP)"
+    )
+    assert "trainer.epochs (2 here, 1 in BP)" in stats["dkp"]["diff_to_bp_unpaired_why"]
+    assert stats["bp"]["diff_to_bp_unpaired_why"] is None
+    notes = unpaired_notes(list(stats.values()))
+    assert len(notes) == 2 and notes[0].startswith(
+        "Δ vs BP empty for dfa [optimizer.lr=0.001, trainer.epochs=1] ("
+    )
+
+
+def test_a_bp_run_of_other_epochs_is_no_baseline_and_the_report_says_why(runs, tmp_path):
+    copy_run(runs / "single" / "bp-0", tmp_path / "runs" / "bp-0")
+    train_run(tmp_path / "runs" / "dfa-0", "dfa", 0, "trainer.epochs=2")
+    make_report([tmp_path / "runs"], tmp_path / "report")
+    (dfa,) = [r for r in csv.DictReader((tmp_path / "report" / "results.csv").open())
+              if r["algorithm"] == "dfa"]  # fmt: skip
+    assert dfa["diff_to_bp_mean"] == "" and dfa["diff_to_bp_pairs"] == "0"
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert (
+        "- Δ vs BP empty for dfa [trainer.epochs=2] (synthetic / fc): no BP run with the same "
+        "settings: "
+        "BP's differ in trainer.epochs (2 here, 3 in BP)."
+    ) in md
 
 
 def test_plots_are_valid_pngs(report):
