@@ -1,4 +1,4 @@
-"""Experiment presets (conf/experiment/) and the offline comparison report (fdfa/report.py)."""
+"""Experiment presets (conf/experiment/) and the offline comparison report (fdfa/report/)."""
 
 import csv
 import functools
