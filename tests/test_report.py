@@ -593,3 +593,23 @@ def test_killed_run_says_what_its_records_and_checkpoint_hold(runs, tmp_path, st
         f"{expected}, 3 of 3 epochs done (last record: step 20); last.ckpt absent"
     )
     assert "failed before training" not in (tmp_path / "report" / "results.md").read_text()
+
+
+def test_a_run_resumed_elsewhere_is_listed_as_resumed_not_interrupted(tmp_path):
+    """trainer.resume=latest continues a killed run in a new run dir: the killed one is listed
+    as resumed there (and counted once, there), not as interrupted."""
+    killed = train_run(tmp_path / "runs" / "1-killed", "dfa", 0, "trainer.epochs=1")
+    (killed / "summary.json").unlink()  # as a killed run leaves it
+    train_run(tmp_path / "runs" / "2-rerun", "dfa", 0, "trainer.epochs=2", "trainer.resume=latest")
+    result = make_report([tmp_path / "runs"], tmp_path / "report")
+    (skip,) = result.skipped[:1]
+    assert skip.what.endswith("1-killed") and skip.kind == "resumed elsewhere"
+    assert skip.why.startswith("interrupted, then resumed and finished in ")
+    assert skip.why.endswith("2-rerun (trainer.resume=latest): counted there")
+    assert [r.path.name for row in result.rows for r in row.runs] == ["2-rerun"]
+    # a killed run that nothing resumed stays interrupted
+    other = train_run(tmp_path / "more" / "killed", "dfa", 1, "trainer.epochs=1")
+    (other / "summary.json").unlink()
+    result = make_report([tmp_path / "runs", tmp_path / "more"], tmp_path / "report2")
+    kinds = {s.what.rsplit("/", 1)[-1]: s.kind for s in result.skipped}
+    assert kinds["killed"] == "interrupted or running" and kinds["1-killed"] == "resumed elsewhere"

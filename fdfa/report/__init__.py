@@ -6,9 +6,10 @@
 Every folder under the given dirs that holds summary.json, metrics.jsonl or .hydra/ is a run. A
 run is used if its summary.json says status "completed" and its metrics.jsonl has at least one
 evaluation record (one with epoch and test/acc); every other one is listed as skipped, with why:
-a run killed or still running says how many epochs its records and last.ckpt hold, a run dir with
-unreadable files says which, the benchmark's runs (``fdfa.bench``) are left out. Runs of the same
-config and seed (a rerun) count once: the one that finished last.
+a run killed or still running says how many epochs its records and last.ckpt hold (or, when
+``trainer.resume=latest`` continued it in a new run dir that finished, that it was resumed there),
+a run dir with unreadable files says which, the benchmark's runs (``fdfa.bench``) are left out.
+Runs of the same config and seed (a rerun) count once: the one that finished last.
 
 Runs are grouped into rows by the (dataset, model, algorithm) names of their summary.json. When
 runs of a row differ in their config (.hydra/config.yaml) in anything that matters (not the seed,

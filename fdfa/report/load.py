@@ -163,14 +163,36 @@ def load_run(path: Path) -> RunData:
 
 def collect_runs(dirs) -> tuple[list[RunData], list[Skip]]:
     """Usable runs under dirs (reruns counted once), and a Skip for every run dir left out."""
-    runs, skipped = [], []
+    runs, unusable = [], []
     for path in find_run_dirs(dirs):
         try:
             runs.append(load_run(path))
         except Unusable as err:
-            skipped.append(Skip(short_path(path), str(err), err.kind))
+            unusable.append((path, err))
+    skipped = []
+    for path, err in unusable:
+        later = resumed_in(path, runs) if err.kind == "interrupted or running" else None
+        if later is not None:
+            err = Unusable(
+                f"interrupted, then resumed and finished in {short_path(later.path)} "
+                "(trainer.resume=latest): counted there",
+                "resumed elsewhere",
+            )
+        skipped.append(Skip(short_path(path), str(err), err.kind))
     kept, duplicates = drop_reruns(runs)
     return kept, skipped + duplicates
+
+
+def resumed_in(path: Path, runs: list[RunData]) -> RunData | None:
+    """The finished run that continued the unfinished run in ``path`` from its last.ckpt (as
+    ``trainer.resume=latest`` does, in a new run dir), if one is among ``runs``. A resumed run
+    starts with the checkpoint's records, copied: an evaluation record equal in every value
+    (its time_s, the wall clock since the start, included) is one written by the same run."""
+    try:
+        first = next(r for r in read_records(path) if "test/acc" in r)
+    except (Unusable, StopIteration, OSError):
+        return None
+    return next((run for run in runs if first in run.records and run.path != path), None)
 
 
 def drop_reruns(runs: list[RunData]) -> tuple[list[RunData], list[Skip]]:
