@@ -615,3 +615,46 @@ def test_a_run_resumed_elsewhere_is_listed_as_resumed_not_interrupted(tmp_path):
     result = make_report([tmp_path / "runs", tmp_path / "more"], tmp_path / "report2")
     kinds = {s.what.rsplit("/", 1)[-1]: s.kind for s in result.skipped}
     assert kinds["killed"] == "interrupted or running" and kinds["1-killed"] == "resumed elsewhere"
+
+
+def test_each_rule_keeps_one_colour_in_every_plot_and_variants_differ_in_line(runs, tmp_path):
+    """15 rows: no two rules share a colour (tab10 would repeat after 10 rows), a rule has the
+    same colour in a plot of other rows, and rows of one rule differ in line style or marker."""
+    run = load_run(runs / "single" / "bp-0")
+    names = ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a", "mine"]
+    rows = [Row("synthetic", "fc", n, f"v={i}", [run]) for i in range(2) for n in names]
+    rows.append(Row("synthetic", "fc", "dfa", "v=2", [run]))
+    for row in rows:
+        row.runs = [load_run(runs / "single" / "bp-0")]
+        row.runs[0].summary = {**row.runs[0].summary, "algorithm": row.algorithm}
+    fig = plot_accuracy(rows, "synthetic / fc", tmp_path / "acc.png")
+    colours = {}
+    for row, line in zip(rows, fig.axes[0].get_lines()):
+        colours.setdefault(row.algorithm, set()).add(line.get_color())
+    assert all(len(c) == 1 for c in colours.values())  # one colour per rule
+    assert len({c for cs in colours.values() for c in cs}) == len(names)  # all different
+    styles = [(line.get_linestyle(), line.get_marker()) for line in fig.axes[0].get_lines()]
+    dfa = [s for row, s in zip(rows, styles) if row.algorithm == "dfa"]
+    assert len(set(dfa)) == 3
+    fewer = plot_accuracy(rows[3:5], "synthetic / fc", tmp_path / "acc2.png")
+    assert [line.get_color() for line in fewer.axes[0].get_lines()] == [
+        next(iter(colours[r.algorithm])) for r in rows[3:5]
+    ]
+
+
+def test_titles_fit_their_figure_and_log_ticks_are_plain_numbers(runs, tmp_path):
+    run = load_run(runs / "single" / "bp-0")
+    run.records = [{"step": s, "estimator/fc1/jacobian_rel_mse": 0.99 - 1e-3 * s} for s in (1, 9)]
+    label = "dataset.subset=20, dataset.val_size=128, optimizer.lr=0.0001, trainer.epochs=2"
+    rows = [Row("synthetic", "fc", "fdfa", label, [run])]
+    long = "fake / fc (n_layers=2): FDFA's Jacobian estimate Ĵ vs the true Jacobian J"
+    fig = plot_layers(rows, "estimator/{}/jacobian_rel_mse", long, "err", tmp_path / "j.png", True)
+    fig.draw_without_rendering()
+    (ax,) = fig.axes
+    for text in (fig._suptitle, ax.title):
+        box = text.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width  # nothing clipped
+    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels()]
+    labels = [t for t in labels if t]
+    assert labels and len(set(labels)) == len(labels)  # neighbouring ticks told apart
+    assert all("10^" not in t and "times" not in t and "e" not in t for t in labels)
