@@ -5,10 +5,12 @@ import statistics
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fdfa import checkpoint
 from fdfa.data import validation_split
 from fdfa.errors import FdfaError
+from fdfa.models import FCNet
 from fdfa.protocol import mean_ci, select_epoch, t_quantile
 from fdfa.train import Run, evaluate, train
 from tests.helpers import PrototypeData, compose_config, synthetic_overrides
@@ -143,3 +145,27 @@ def test_best_checkpoint_reloads_to_the_weights_that_scored_best_val(tmp_path):
     scores = evaluate(fresh.model, fresh.data)
     assert scores["val/acc"] == summary["best/val/acc"]
     assert scores["test/acc"] == summary["selected/test/acc"]
+
+
+def test_evaluation_runs_the_model_in_eval_mode_and_leaves_batchnorm_alone():
+    """evaluate() on a model left in train mode (as training leaves it): BatchNorm's running
+    statistics are not updated, and the numbers are those of the eval-mode model (running
+    statistics, not each test batch's own)."""
+    torch.manual_seed(0)
+    data = PrototypeData(image_shape=(1, 8, 8), train_size=256, val_size=64, noise=0.5)
+    data.setup(torch.device("cpu"))
+    model = FCNet((1, 8, 8), 4, n_layers=2, width=16)
+    with torch.no_grad():  # running statistics away from the test batches' own
+        for x, _ in data.train_batches():
+            model(x * 3 + 1)
+    model.train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = evaluate(model, data)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    model.eval()
+    with torch.no_grad():
+        for split, (images, labels) in data.eval_splits().items():
+            logits = model(data.transform(images, train=False))
+            expected = F.cross_entropy(logits, labels).item()
+            assert scores[f"{split}/loss"] == pytest.approx(expected, rel=1e-5)
+            assert scores[f"{split}/acc"] == (logits.argmax(1) == labels).float().mean().item()

@@ -1,4 +1,4 @@
-"""Experiment presets (conf/experiment/) and the offline comparison report (fdfa/report.py)."""
+"""Experiment presets (conf/experiment/) and the offline comparison report (fdfa/report/)."""
 
 import csv
 import functools
@@ -7,6 +7,7 @@ import os
 import shutil
 import statistics
 import warnings
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -15,12 +16,16 @@ from omegaconf import OmegaConf
 
 from fdfa.report import (
     Row,
+    RunData,
     _mean_band,
+    group_rows,
     load_run,
     main,
     make_report,
     plot_accuracy,
     plot_layers,
+    row_stats,
+    unpaired_notes,
 )
 from fdfa.train import train
 from tests.helpers import CONF, compose_config, run_cli, synthetic_overrides
@@ -227,6 +232,69 @@ def test_table_numbers_match_the_runs_files(runs, report):
 PAIRS = (("bp", "single"), ("fdfa", "sweep"))
 
 
+def fake_run(algorithm, seed, acc, **config):
+    """A finished run in memory: one evaluation (test acc ``acc``) and a flat config."""
+    summary = {"status": "completed", "dataset": "synthetic", "model": "fc", "seed": seed}
+    config = {"seed": seed, "trainer.epochs": 1, "algorithm._target_": algorithm, **config}
+    records = [{"epoch": 1, "step": 10, "test/acc": acc, "time_s": 1.0}]
+    return RunData(
+        Path(f"/runs/{algorithm}-{seed}"), {**summary, "algorithm": algorithm}, records, config
+    )
+
+
+def test_the_difference_to_bp_pairs_runs_by_seed_not_by_rank():
+    """BP has seeds 0, 1, 2, DFA seeds 2 and 1 (listed in that order): DFA minus BP on seeds 1
+    and 2, never DFA's first run minus BP's first."""
+    bp = [fake_run("bp", s, acc) for s, acc in ((0, 0.5), (1, 0.6), (2, 0.9))]
+    dfa = [fake_run("dfa", 2, 0.95), fake_run("dfa", 1, 0.7)]
+    rows = group_rows(bp + dfa)
+    stats = {s["algorithm"]: s for s in (row_stats(row, rows) for row in rows)}
+    diffs = [0.7 - 0.6, 0.95 - 0.9]  # seeds 1 and 2
+    assert stats["dfa"]["diff_to_bp_pairs"] == 2
+    assert stats["dfa"]["diff_to_bp_mean"] == pytest.approx(statistics.fmean(diffs))
+    half = 12.7062047 * statistics.stdev(diffs) / 2**0.5
+    assert stats["dfa"]["diff_to_bp_ci95"] == pytest.approx(half, rel=1e-7)
+
+
+def test_only_runs_of_the_same_settings_are_paired_with_bp():
+    """A rule's own options (algorithm.*, FG-W's own lr preset) may differ from BP's; any other
+    setting (epochs, another lr for a rule without a preset of its own) leaves Δ empty."""
+    bp = [fake_run("bp", s, 0.5 + 0.1 * s, **{"optimizer.lr": 1e-4}) for s in (0, 1)]
+    fdfa = [fake_run("fdfa", s, 0.6, **{"optimizer.lr": 1e-4, "algorithm.n": 3}) for s in (0, 1)]
+    fg_w = [fake_run("fg_w", s, 0.4, **{"optimizer.lr": 1e-3}) for s in (0, 1)]
+    dfa = [fake_run("dfa", s, 0.4, **{"optimizer.lr": 1e-3}) for s in (0, 1)]
+    dkp = [fake_run("dkp", s, 0.4, **{"optimizer.lr": 1e-4, "trainer.epochs": 2}) for s in (0, 1)]
+    rows = group_rows(bp + fdfa + fg_w + dfa + dkp)
+    stats = {s["algorithm"]: s for s in (row_stats(row, rows) for row in rows)}
+    assert [stats[a]["diff_to_bp_pairs"] for a in ("fdfa", "fg_w", "dfa", "dkp")] == [2, 2, 0, 0]
+    assert stats["fdfa"]["diff_to_bp_mean"] == pytest.approx(0.6 - 0.55)
+    assert stats["dfa"]["diff_to_bp_mean"] is None
+    assert stats["dfa"]["diff_to_bp_unpaired_why"] == (
+        "no BP run with the same settings: BP's differ in optimizer.lr (0.001 here, 0.0001 in BP)"
+    )
+    assert "trainer.epochs (2 here, 1 in BP)" in stats["dkp"]["diff_to_bp_unpaired_why"]
+    assert stats["bp"]["diff_to_bp_unpaired_why"] is None
+    notes = unpaired_notes(list(stats.values()))
+    assert len(notes) == 2 and notes[0].startswith(
+        "Δ vs BP empty for dfa [optimizer.lr=0.001, trainer.epochs=1] ("
+    )
+
+
+def test_a_bp_run_of_other_epochs_is_no_baseline_and_the_report_says_why(runs, tmp_path):
+    copy_run(runs / "single" / "bp-0", tmp_path / "runs" / "bp-0")
+    train_run(tmp_path / "runs" / "dfa-0", "dfa", 0, "trainer.epochs=2")
+    make_report([tmp_path / "runs"], tmp_path / "report")
+    (dfa,) = [r for r in csv.DictReader((tmp_path / "report" / "results.csv").open())
+              if r["algorithm"] == "dfa"]  # fmt: skip
+    assert dfa["diff_to_bp_mean"] == "" and dfa["diff_to_bp_pairs"] == "0"
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert (
+        "- Δ vs BP empty for dfa [trainer.epochs=2] (synthetic / fc): no BP run with the same "
+        "settings: "
+        "BP's differ in trainer.epochs (2 here, 3 in BP)."
+    ) in md
+
+
 def test_plots_are_valid_pngs(report):
     result, out = report
     names = sorted(p.name for p in result.plots)
@@ -355,6 +423,8 @@ def mixed(runs, tmp_path_factory):
     killed = copy_run(runs / "sweep" / "fdfa-1", root / "outputs" / "fdfa-fc-synthetic" / "k")
     (killed / "summary.json").unlink()
     kept = [r for r in records(killed) if r.get("epoch", 0) <= 2 and "align/mean_cos" not in r]
+    # its own run, not a copy of the grid's (an equal record would say it was resumed there)
+    kept = [{**r, "time_s": r["time_s"] + 1} if "time_s" in r else r for r in kept]
     (killed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     # the benchmark's epoch run (fdfa.bench before it moved them): no .hydra, model "fcnet"
     bench = copy_run(runs / "sweep" / "fdfa-0", root / "outputs" / "bench" / "fdfa")
@@ -526,3 +596,66 @@ def test_killed_run_says_what_its_records_and_checkpoint_hold(runs, tmp_path, st
         f"{expected}, 3 of 3 epochs done (last record: step 20); last.ckpt absent"
     )
     assert "failed before training" not in (tmp_path / "report" / "results.md").read_text()
+
+
+def test_a_run_resumed_elsewhere_is_listed_as_resumed_not_interrupted(tmp_path):
+    """trainer.resume=latest continues a killed run in a new run dir: the killed one is listed
+    as resumed there (and counted once, there), not as interrupted."""
+    killed = train_run(tmp_path / "runs" / "1-killed", "dfa", 0, "trainer.epochs=1")
+    (killed / "summary.json").unlink()  # as a killed run leaves it
+    train_run(tmp_path / "runs" / "2-rerun", "dfa", 0, "trainer.epochs=2", "trainer.resume=latest")
+    result = make_report([tmp_path / "runs"], tmp_path / "report")
+    (skip,) = result.skipped[:1]
+    assert skip.what.endswith("1-killed") and skip.kind == "resumed elsewhere"
+    assert skip.why.startswith("interrupted, then resumed and finished in ")
+    assert skip.why.endswith("2-rerun (trainer.resume=latest): counted there")
+    assert [r.path.name for row in result.rows for r in row.runs] == ["2-rerun"]
+    # a killed run that nothing resumed stays interrupted
+    other = train_run(tmp_path / "more" / "killed", "dfa", 1, "trainer.epochs=1")
+    (other / "summary.json").unlink()
+    result = make_report([tmp_path / "runs", tmp_path / "more"], tmp_path / "report2")
+    kinds = {s.what.rsplit("/", 1)[-1]: s.kind for s in result.skipped}
+    assert kinds["killed"] == "interrupted or running" and kinds["1-killed"] == "resumed elsewhere"
+
+
+def test_each_rule_keeps_one_colour_in_every_plot_and_variants_differ_in_line(runs, tmp_path):
+    """15 rows: no two rules share a colour (tab10 would repeat after 10 rows), a rule has the
+    same colour in a plot of other rows, and rows of one rule differ in line style or marker."""
+    run = load_run(runs / "single" / "bp-0")
+    names = ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a", "mine"]
+    rows = [Row("synthetic", "fc", n, f"v={i}", [run]) for i in range(2) for n in names]
+    rows.append(Row("synthetic", "fc", "dfa", "v=2", [run]))
+    for row in rows:
+        row.runs = [load_run(runs / "single" / "bp-0")]
+        row.runs[0].summary = {**row.runs[0].summary, "algorithm": row.algorithm}
+    fig = plot_accuracy(rows, "synthetic / fc", tmp_path / "acc.png")
+    colours = {}
+    for row, line in zip(rows, fig.axes[0].get_lines()):
+        colours.setdefault(row.algorithm, set()).add(line.get_color())
+    assert all(len(c) == 1 for c in colours.values())  # one colour per rule
+    assert len({c for cs in colours.values() for c in cs}) == len(names)  # all different
+    styles = [(line.get_linestyle(), line.get_marker()) for line in fig.axes[0].get_lines()]
+    dfa = [s for row, s in zip(rows, styles) if row.algorithm == "dfa"]
+    assert len(set(dfa)) == 3
+    fewer = plot_accuracy(rows[3:5], "synthetic / fc", tmp_path / "acc2.png")
+    assert [line.get_color() for line in fewer.axes[0].get_lines()] == [
+        next(iter(colours[r.algorithm])) for r in rows[3:5]
+    ]
+
+
+def test_titles_fit_their_figure_and_log_ticks_are_plain_numbers(runs, tmp_path):
+    run = load_run(runs / "single" / "bp-0")
+    run.records = [{"step": s, "estimator/fc1/jacobian_rel_mse": 0.99 - 1e-3 * s} for s in (1, 9)]
+    label = "dataset.subset=20, dataset.val_size=128, optimizer.lr=0.0001, trainer.epochs=2"
+    rows = [Row("synthetic", "fc", "fdfa", label, [run])]
+    long = "fake / fc (n_layers=2): FDFA's Jacobian estimate Ĵ vs the true Jacobian J"
+    fig = plot_layers(rows, "estimator/{}/jacobian_rel_mse", long, "err", tmp_path / "j.png", True)
+    fig.draw_without_rendering()
+    (ax,) = fig.axes
+    for text in (fig._suptitle, ax.title):
+        box = text.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width  # nothing clipped
+    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels()]
+    labels = [t for t in labels if t]
+    assert labels and len(set(labels)) == len(labels)  # neighbouring ticks told apart
+    assert all("10^" not in t and "times" not in t and "e" not in t for t in labels)

@@ -143,6 +143,36 @@ def test_dkp_feedback_gradient_is_e_transpose_h():
         )
 
 
+def test_dkp_feedback_decay_is_adams_l2_term():
+    """Two steps on one batch (the forward weights untouched, so both gradients are g = e^T h):
+    B_1 = -lr g / (|g| + eps) from B_0 = 0, where decay has nothing to act on; the second step's
+    Adam gradient is g + decay * B_1. Written out, Adam's second step must give B_2."""
+    lr, decay, eps = 1e-2, 0.5, 1e-8
+    torch.manual_seed(4)
+    rule = DKP(NETS["fc"](), feedback_lr=lr, feedback_decay=decay)
+    x, y = make_batch()
+    rule.train_step(x, y)
+    g = [b.grad.double() for b in rule.feedback]
+    b1 = [b.detach().double() for b in rule.feedback]
+    rule.train_step(x, y)
+    for b, grad, first in zip(rule.feedback, g, b1):
+        torch.testing.assert_close(first, -lr * grad / (grad.abs() + eps))
+        expected = adam_second_step(grad, first, decay, lr, eps)
+        without_decay = adam_second_step(grad, first, 0.0, lr, eps)
+        assert (expected - without_decay).abs().max() > 1e-5  # the decay term shows
+        torch.testing.assert_close(b.detach().double(), expected, rtol=1e-4, atol=1e-8)
+
+
+def adam_second_step(grad, first, decay, lr, eps, beta1=0.9, beta2=0.999):
+    """Adam's second step from ``first`` (after a first step on ``grad``), gradient ``grad`` plus
+    the L2 term ``decay * first``."""
+    g2 = grad + decay * first
+    m = beta1 * (1 - beta1) * grad + (1 - beta1) * g2
+    v = beta2 * (1 - beta2) * grad**2 + (1 - beta2) * g2**2
+    m_hat, v_hat = m / (1 - beta1**2), v / (1 - beta2**2)
+    return first - lr * m_hat / (v_hat.sqrt() + eps)
+
+
 def test_project_error_is_a_matmul_over_classes():
     e = torch.randn(5, 3)
     b = torch.randn(3, 2, 4, 4)
