@@ -153,7 +153,7 @@ def test_kp_feedback_optimizer_is_a_copy_of_the_forward_one(optimizer):
     assert {k: v for k, v in mine.items() if k != "params"} == {
         k: v for k, v in theirs.items() if k != "params"
     }
-    assert mine["weight_decay"] > 0  # conf/algorithm/optimizer/kp_<optimizer>.yaml
+    assert mine["weight_decay"] > 0  # conf/algorithm/optimizer/kp_adam.yaml
 
 
 def test_kp_rejects_a_feedback_optimizer_that_is_not_callable():

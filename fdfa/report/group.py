@@ -9,7 +9,20 @@ from fdfa.report.rundata import RunData
 from fdfa.report.values import fmt_value
 
 # The usual order of the rules in tables and legends; other names follow, sorted.
-ALGORITHM_ORDER = ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a"]
+ALGORITHM_ORDER = [
+    "bp",
+    "dfa",
+    "dkp",
+    "fdfa",
+    "fg_w",
+    "fg_a",
+    "fa",
+    "kp",
+    "usf",
+    "brsf",
+    "frsf",
+    "drtp",
+]
 
 
 @dataclass(eq=False)

@@ -19,7 +19,13 @@ from fdfa.report.values import slug
 # title, y label, log scale. The two errors measure different things and get their own figures.
 LAYER_PLOTS = [
     ("align", "align/{}/cos", "alignment with BP", "cosine(update, BP gradient)", False),
-    ("feedback", "feedback/{}/cos", "feedback vs true Jacobian", "cosine", False),
+    (
+        "feedback",
+        "feedback/{}/cos",
+        "feedback B vs its target (J_l: direct rules; W_l: backward-path rules)",
+        "cosine",
+        False,
+    ),
     (
         "grad_error",
         "estimator/{}/grad_rel_mse",
@@ -54,8 +60,14 @@ RULE_COLOURS = {
     "fdfa": "tab:green",
     "fg_w": "tab:red",
     "fg_a": "tab:purple",
+    "fa": "tab:brown",
+    "kp": "tab:pink",
+    "usf": "tab:olive",
+    "brsf": "tab:cyan",
+    "frsf": "darkgoldenrod",
+    "drtp": "navy",
 }
-SPARE_COLOURS = ["tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+SPARE_COLOURS = ["tab:gray", "teal", "magenta", "lime", "maroon"]
 LINE_STYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*"]
 

@@ -13,10 +13,10 @@ forward optimizer's own config (``${optimizer}``): the same class, lr, momentum 
 weight decay, with its own state. So B_l and W_l take the same step from the same gradient, each
 with its own decay term λB or λW: under SGD their difference shrinks exactly as above; under Adam
 by about η λ / sqrt(v) per step and element (v: Adam's second moment, shared up to the decay
-terms). KP needs a weight decay: conf/algorithm/optimizer/kp_<optimizer>.yaml sets one. The
-forward scheduler (StepLR) decays W's lr only; B keeps the initial lr, as every feedback optimizer
-in fdfa. B_l starts as FA's random B_l; the step uses B_l before its update. Built in Python
-without ``feedback_optimizer``: Adam at lr 1e-4, decay 1e-3 (fdfa.rules.base.FeedbackAdam).
+terms). KP needs a weight decay: conf/algorithm/optimizer/kp_adam.yaml (and kp_sgd.yaml) sets
+one. The forward scheduler (StepLR) decays W's lr only; B keeps the initial lr, as every feedback
+optimizer in fdfa. B_l starts as FA's random B_l; the step uses B_l before its update. Built in
+Python without ``feedback_optimizer``: Adam at lr 1e-4, decay 1e-3 (fdfa.rules.base.FeedbackAdam).
 """
 
 import torch
