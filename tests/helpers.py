@@ -134,3 +134,17 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300):
         text=True,
         timeout=timeout,
     )
+
+
+def crash_at_step(monkeypatch, cls, n: int) -> None:
+    """Make ``cls.train_step`` raise KeyboardInterrupt at its ``n``-th call (a kill mid-run, after
+    the checkpoints before it); ``monkeypatch.undo()`` or the test's end restores it."""
+    real_step, calls = cls.train_step, {"n": 0}
+
+    def step(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(cls, "train_step", step)

@@ -17,7 +17,15 @@ from fdfa.models import BlockNet
 from fdfa.rules import BP, BRSF, DRTP, FA, FRSF, KP, USF
 from fdfa.rules.backward_path import weight_layers
 from fdfa.train import train
-from tests.helpers import NETS, SHAPES, TinyUserNet, compose_config, make_batch, synthetic_overrides
+from tests.helpers import (
+    NETS,
+    SHAPES,
+    TinyUserNet,
+    compose_config,
+    crash_at_step,
+    make_batch,
+    synthetic_overrides,
+)
 
 BACKWARD_PATH = [FA, KP, USF, BRSF, FRSF]
 
@@ -242,19 +250,11 @@ def test_each_rule_resumes_bit_exactly(tmp_path, monkeypatch, algorithm):
     )
     train(compose_config(overrides), tmp_path / "straight")
     cls = type(instantiate(compose_config(overrides).algorithm, model=NETS["fc"]()))
-    real_step, calls = cls.train_step, {"n": 0}
-
-    def crash_at_step_8(self, x, y):  # after the checkpoint at step 6, mid epoch 1
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real_step(self, x, y)
-
-    monkeypatch.setattr(cls, "train_step", crash_at_step_8)
+    crash_at_step(monkeypatch, cls, 8)  # after the checkpoint at step 6, mid epoch 1
     with pytest.raises(KeyboardInterrupt):
         train(compose_config(overrides), tmp_path / "resumed")
     assert checkpoint.load(tmp_path / "resumed" / "last.ckpt")["progress"]["step"] == 6
-    monkeypatch.setattr(cls, "train_step", real_step)
+    monkeypatch.undo()
     train(compose_config(overrides), tmp_path / "resumed")
 
     def records(run):

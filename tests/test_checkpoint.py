@@ -13,7 +13,7 @@ from fdfa import checkpoint
 from fdfa.errors import DivergedError, FdfaError
 from fdfa.rules import FDFA
 from fdfa.train import Run, train
-from tests.helpers import REPO, compose_config, run_cli, synthetic_overrides
+from tests.helpers import REPO, compose_config, crash_at_step, run_cli, synthetic_overrides
 
 
 def records(run_dir):
@@ -32,23 +32,14 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch, perturbation):
     overrides = [*OVERRIDES, f"algorithm.perturbation={perturbation}"]
     train(compose_config(overrides), tmp_path / "straight")
 
-    calls = {"n": 0}
-    real_step = FDFA.train_step
-
-    def crash_at_step_14(self, x, y):  # after the checkpoint at step 12, mid epoch 2
-        calls["n"] += 1
-        if calls["n"] == 14:
-            raise KeyboardInterrupt
-        return real_step(self, x, y)
-
-    monkeypatch.setattr(FDFA, "train_step", crash_at_step_14)
+    crash_at_step(monkeypatch, FDFA, 14)  # after the checkpoint at step 12, mid epoch 2
     with pytest.raises(KeyboardInterrupt):
         train(compose_config(overrides), tmp_path / "resumed")
     saved = checkpoint.load(tmp_path / "resumed" / "last.ckpt")
     assert saved["progress"]["step"] == 12 and saved["progress"]["batch"] == 4
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert summary["status"] == "interrupted"  # a KeyboardInterrupt with no handler, too
-    monkeypatch.setattr(FDFA, "train_step", real_step)
+    monkeypatch.undo()
 
     summary = train(compose_config(overrides), tmp_path / "resumed")
     assert summary["status"] == "completed" and summary["steps"] == 24
