@@ -312,12 +312,20 @@ def test_confirmation_reruns_the_best_params_with_seeds_and_a_rerun_resumes(tmp_
     assert res.returncode == 0, res.stdout + res.stderr
     study = load(tmp_path)
     assert len(study.trials) == 2  # confirmation runs are not trials
+    # Confirmation runs on seeds no trial used: no record of theirs repeats a trial's record.
+    trial_records = {records(tmp_path / str(t.number)) for t in study.trials}
+    confirm_dirs = sorted((tmp_path / "confirm").glob("seed*"))
+    assert len(confirm_dirs) == 2
+    for job in confirm_dirs:
+        assert records(job) not in trial_records, f"{job.name} repeats a trial"
     confirm = OmegaConf.to_container(OmegaConf.load(tmp_path / "optimization_results.yaml"))[
         "confirm"
     ]
-    assert confirm["trial"] == study.best_trial.number and confirm["seeds"] == [0, 1]
+    # The trials ran at the config's seed (0): confirmation at the trials' seed + 1..N.
+    assert confirm["trial"] == study.best_trial.number and confirm["seeds"] == [1, 2]
+    assert confirm["trial_seed"] == 0
     values = []
-    for seed in (0, 1):
+    for seed in (1, 2):
         job = tmp_path / "confirm" / f"seed{seed}"
         config = OmegaConf.load(job / ".hydra" / "config.yaml")
         assert config.seed == seed
@@ -330,17 +338,24 @@ def test_confirmation_reruns_the_best_params_with_seeds_and_a_rerun_resumes(tmp_
     assert confirm["ci95_half_width"] == pytest.approx(half, rel=1e-7, abs=1e-12)
     assert confirm["missing_seeds"] == []
 
-    # A rerun runs only what is missing: seed 1's run is gone, seed 0's stays untouched.
-    shutil.rmtree(tmp_path / "confirm" / "seed1")
-    kept = (tmp_path / "confirm" / "seed0" / "summary.json").stat().st_mtime_ns
+    # A rerun runs only what is missing: seed 2's run is gone, seed 1's stays untouched.
+    shutil.rmtree(tmp_path / "confirm" / "seed2")
+    kept = (tmp_path / "confirm" / "seed1" / "summary.json").stat().st_mtime_ns
     res = sweep_cli(tmp_path, *cmd)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert (tmp_path / "confirm" / "seed0" / "summary.json").stat().st_mtime_ns == kept
-    assert json.loads((tmp_path / "confirm" / "seed1" / "summary.json").read_text())[
+    assert (tmp_path / "confirm" / "seed1" / "summary.json").stat().st_mtime_ns == kept
+    assert json.loads((tmp_path / "confirm" / "seed2" / "summary.json").read_text())[
         "selected/test/acc"
     ] == pytest.approx(values[1])
     assert len(load(tmp_path).trials) == 2
-    assert "confirmation run, seed 0" not in res.stdout + res.stderr
+    assert "confirmation run, seed 1" not in res.stdout + res.stderr
+
+
+def records(run_dir: Path) -> tuple:
+    """A run's metrics.jsonl records without their clock readings: equal for equal training."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    timeless = [{k: v for k, v in json.loads(line).items() if "time" not in k} for line in lines]
+    return tuple(json.dumps(r, sort_keys=True) for r in timeless)
 
 
 @pytest.mark.slow

@@ -199,9 +199,9 @@ def test_optuna_sweep_through_submitit_local(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("[0-9]*")) == ["0", "1", "2", "3"]
     assert results_of(tmp_path / "optimization_results.yaml")["trials"] == {"complete": 4}
     # the confirmation runs ran once each, in one of the worker jobs (under the study's lock)
-    assert sorted(p.name for p in (tmp_path / "confirm").glob("seed*")) == ["seed0", "seed1"]
+    assert sorted(p.name for p in (tmp_path / "confirm").glob("seed*")) == ["seed1", "seed2"]
     logs = "".join(p.read_text() for p in tmp_path.glob("**/*.out"))  # the jobs' submitit logs
-    assert [logs.count(f"confirmation run, seed {seed}") for seed in (0, 1)] == [1, 1]
+    assert [logs.count(f"confirmation run, seed {seed}") for seed in (1, 2)] == [1, 1]
 
 
 @pytest.mark.slow

@@ -15,9 +15,10 @@ trials. Any number of workers, on any machines, may share one study through its 
 - a job that raises fails its trial only (the reason is the trial's ``fail_reason`` user attr);
   ``optuna.TrialPruned`` from the job's reporter (fdfa/sweep.py) makes it PRUNED;
 - trials are chosen on validation data (``objective: val/acc``); once the study is complete, one
-  worker (under the lock) reruns the best trial's params with seeds 0..confirm_seeds-1 in
-  ``<sweep dir>/confirm/seed<i>/``, and the report gives their test accuracy at the best-val
-  epoch with a Student-t interval. A rerun runs only the seeds still missing.
+  worker (under the lock) reruns the best trial's params on seeds no trial used: the trials' seed
+  ``s`` (the config's ``seed``) plus 1..confirm_seeds, in ``<sweep dir>/confirm/seed<s+i>/``,
+  and the report gives their test accuracy at the best-val epoch with a Student-t interval and
+  names the seeds. A rerun runs only the seeds still missing.
 
 With the basic launcher the command is worker 0 and starts ``n_jobs - 1`` more as processes; with
 any other launcher it submits ``n_jobs`` worker jobs, waits for them, and writes the report.
@@ -141,6 +142,7 @@ class OptunaSweep:
         """The search space, checked by composing the trials' configs now (not mid-sweep), and
         where the study lives."""
         space, fixed = search_space(self.hydra_context.config_loader, self.params, arguments)
+        trial_seed = None
         for point in probe_points(space):
             overrides = job_overrides(fixed, point, "++optuna_trial=0")
             try:
@@ -152,6 +154,12 @@ class OptunaSweep:
                     f"a trial's config does not compose ({' '.join(overrides)}): {one_line(err)}"
                 ) from err
             self._check_selection(job_config)
+            trial_seed = job_config.seed
+        if self.confirm_seeds and "seed" in space:
+            raise FdfaError(
+                "hydra.sweeper.confirm_seeds needs trials at one seed, but the sweep searches "
+                "seed: drop seed from the params, or set hydra.sweeper.confirm_seeds=0"
+            )
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -162,6 +170,7 @@ class OptunaSweep:
             study_name=self.study_name or sweep_dir.name,
             url=self.storage_url or f"sqlite:///{sweep_dir / 'optuna.db'}",
             seed=self.sampler_cfg.get("seed"),
+            trial_seed=trial_seed,
         )
 
     def _check_selection(self, job_config: DictConfig) -> None:
@@ -275,7 +284,7 @@ class OptunaSweep:
                     self._check_failures(study)
                 if self.confirm_seeds:
                     with self.lock():  # one worker runs them; the others then find them done
-                        self._confirm(study, plan.fixed, plan.sweep_dir)
+                        self._confirm(study, plan)
         finally:
             failed_children = [c for c in children if c[0].wait() != 0]
             self._report(study, plan.sweep_dir, plan.url)
@@ -367,16 +376,21 @@ class OptunaSweep:
 
     # ------------------------------------------------------------------- confirmation runs
 
-    def _confirm(self, study: optuna.Study, fixed: list[str], sweep_dir: Path) -> None:
-        """Run the best trial's params with each seed 0..confirm_seeds-1 that has no finished
-        run in <sweep dir>/confirm/seed<i>/ yet. Confirmation runs of another best trial (the
-        study grew since) are moved aside first."""
+    def confirm_seeds_of(self, trial_seed: int) -> list[int]:
+        """The confirmation seeds: the trials' seed + 1..confirm_seeds, seeds no trial used."""
+        return [trial_seed + i for i in range(1, self.confirm_seeds + 1)]
+
+    def _confirm(self, study: optuna.Study, plan: Plan) -> None:
+        """Run the best trial's params with each confirmation seed that has no finished run in
+        <sweep dir>/confirm/seed<seed>/ yet. Confirmation runs of another best trial (the study
+        grew since) or of other trials' seed are moved aside first."""
+        fixed, sweep_dir = plan.fixed, plan.sweep_dir
         if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
             log.warning("no trial completed: no confirmation runs")
             return
         best = study.best_trial
         confirm_dir = sweep_dir / "confirm"
-        chosen = {"trial": best.number, "params": best.params}
+        chosen = {"trial": best.number, "params": best.params, "trial_seed": plan.trial_seed}
         marker = confirm_dir / "trial.yaml"
         if marker.is_file() and OmegaConf.to_container(OmegaConf.load(marker)) != chosen:
             stale = confirm_dir.with_name(f"confirm.old-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -384,7 +398,7 @@ class OptunaSweep:
             log.warning("best trial changed: earlier confirmation runs moved to %s", stale)
         confirm_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(marker, OmegaConf.to_yaml(chosen))
-        for seed in range(self.confirm_seeds):
+        for seed in self.confirm_seeds_of(plan.trial_seed):
             if confirmed_value(confirm_dir / f"seed{seed}") is not None:
                 continue
             self._stop_if_told()
@@ -405,13 +419,16 @@ class OptunaSweep:
         if not self.confirm_seeds or not marker.is_file():
             return None
         chosen = OmegaConf.to_container(OmegaConf.load(marker))
-        seeds = list(range(self.confirm_seeds))
+        if chosen.get("trial_seed") is None:  # an older fdfa's runs (seeds 0..N-1): redone
+            return None
+        seeds = self.confirm_seeds_of(chosen["trial_seed"])
         values = {s: confirmed_value(sweep_dir / "confirm" / f"seed{s}") for s in seeds}
         done = [v for v in values.values() if v is not None]
         section = {
             "trial": chosen["trial"],
             "params": chosen["params"],
-            "seeds": seeds,
+            "trial_seed": chosen["trial_seed"],  # the seed every trial ran at
+            "seeds": seeds,  # the confirmation runs' seeds: trial_seed + 1..confirm_seeds
             "selected_test_acc": values,  # per seed: test acc at its best-val epoch
             "missing_seeds": [s for s, v in values.items() if v is None],
         }

@@ -40,6 +40,7 @@ class Plan:
     study_name: str
     url: str  # the storage
     seed: int | None  # the sampler seed as given (worker i uses seed + i), or None
+    trial_seed: int  # the config's seed, every trial's; confirmation runs use trial_seed + 1..N
 
 
 def resolve_n_jobs(n_jobs) -> int:
