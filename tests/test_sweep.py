@@ -436,3 +436,21 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url
     }
     ran = sorted(int(p.name) for d in ("a", "b") for p in (tmp_path / d).glob("[0-9]*"))
     assert ran == list(range(6))  # each trial ran once, on one of the two "machines"
+
+
+@pytest.mark.slow
+def test_rerun_with_other_settings_is_refused_before_any_trial(tmp_path):
+    """A study records the settings its trials share: a rerun with trainer.epochs changed stops
+    in one line naming trainer.epochs and both ways out; n_trials may change (it resumes)."""
+    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2", "trainer.epochs=2")
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "trainer.epochs: 1 in the study, 2 now" in err and "trainer.epochs=1" in err
+    assert "hydra.sweeper.study_name" in err
+    assert len(load(tmp_path).trials) == 1 and not (tmp_path / "1").exists()  # nothing ran
+    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2")  # the same settings: resumes
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(finished(load(tmp_path))) == 2

@@ -61,6 +61,7 @@ from ._liveness import (
     worker_info,
 )
 from ._plots import save_plots, write_atomic
+from ._settings import check_settings, shared_settings
 from ._space import job_overrides, one_line, override_value, probe_points, search_space
 from ._storage import open_study, printable_url
 from ._workers import Plan, WorkerTask, resolve_n_jobs, start_processes, worker_jobs
@@ -128,6 +129,11 @@ class OptunaSweep:
 
     def sweep(self, arguments: list[str]) -> None:
         plan = self._plan(arguments)
+        plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+        study, _, lock = open_study(plan.url, plan.study_name, self.direction)
+        with lock():  # before any trial: a rerun with other settings must not join the study
+            check_settings(study, plan.settings)
+        OmegaConf.save(self.config, plan.sweep_dir / "multirun.yaml")
         if self.in_process:
             n_jobs = resolve_n_jobs(self.n_jobs)
             job_side.assign_gpu(0)  # worker 0; the others get theirs from start_processes
@@ -142,7 +148,7 @@ class OptunaSweep:
         """The search space, checked by composing the trials' configs now (not mid-sweep), and
         where the study lives."""
         space, fixed = search_space(self.hydra_context.config_loader, self.params, arguments)
-        trial_seed = None
+        trial_seed = settings = None
         for point in probe_points(space):
             overrides = job_overrides(fixed, point, "++optuna_trial=0")
             try:
@@ -155,14 +161,14 @@ class OptunaSweep:
                 ) from err
             self._check_selection(job_config)
             trial_seed = job_config.seed
+            if settings is None:  # from the first point: the same for every rerun
+                settings = shared_settings(job_config, list(space))
         if self.confirm_seeds and "seed" in space:
             raise FdfaError(
                 "hydra.sweeper.confirm_seeds needs trials at one seed, but the sweep searches "
                 "seed: drop seed from the params, or set hydra.sweeper.confirm_seeds=0"
             )
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         return Plan(
             space=space,
             fixed=fixed,
@@ -171,6 +177,7 @@ class OptunaSweep:
             url=self.storage_url or f"sqlite:///{sweep_dir / 'optuna.db'}",
             seed=self.sampler_cfg.get("seed"),
             trial_seed=trial_seed,
+            settings=settings,
         )
 
     def _check_selection(self, job_config: DictConfig) -> None:

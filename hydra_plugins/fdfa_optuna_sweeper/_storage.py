@@ -100,14 +100,19 @@ def open_study(url: str, name: str, direction: str, sampler=None, pruner=None):
             lock = StudyLock(url, name)
             with lock():
                 storage = make_storage(url)
-                study = optuna.create_study(
-                    study_name=name,
-                    storage=storage,
-                    sampler=sampler,
-                    pruner=pruner,
-                    direction=direction,
-                    load_if_exists=True,
-                )
+                verbosity = optuna.logging.get_verbosity()
+                optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "Using an existing"
+                try:
+                    study = optuna.create_study(
+                        study_name=name,
+                        storage=storage,
+                        sampler=sampler,
+                        pruner=pruner,
+                        direction=direction,
+                        load_if_exists=True,
+                    )
+                finally:
+                    optuna.logging.set_verbosity(verbosity)
             break
         except ImportError as err:
             raise FdfaError(

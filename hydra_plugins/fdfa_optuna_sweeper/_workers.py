@@ -41,6 +41,7 @@ class Plan:
     url: str  # the storage
     seed: int | None  # the sampler seed as given (worker i uses seed + i), or None
     trial_seed: int  # the config's seed, every trial's; confirmation runs use trial_seed + 1..N
+    settings: dict  # what every trial shares, recorded in the study (_settings.py)
 
 
 def resolve_n_jobs(n_jobs) -> int:
