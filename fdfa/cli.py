@@ -22,14 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdfa.allocator import keep_freed_memory
 from fdfa.errors import RunDirRefused, user_errors
-from fdfa.sweep import assign_job_gpu, job_callbacks, record_machine_gpus
+from fdfa.gpus import assign_job_gpu, record_machine_gpus
 from fdfa.train import train
 from fdfa.validate import CONF_DIR, preflight
 
 
-def task(cfg: DictConfig) -> float:
+def task(cfg: DictConfig, callbacks=()) -> float:
+    """One job. ``callbacks``: the trainer callbacks a sweeper gives a trial's job (its pruning
+    reporter, fdfa/sweep_job.py); a sweeper also sets the job's ``sweep_job`` config node."""
     hc = HydraConfig.get()
-    assign_job_gpu(hc)  # a grid job of submitit_local or joblib: GPU job.num mod G
+    kind = OmegaConf.select(cfg, "sweep_job.kind", default="train")  # or a sweep's trial, confirm
+    assign_job_gpu(hc, kind)  # a grid job of submitit_local or joblib: GPU job.num mod G
     names = {g: hc.runtime.choices.get(g) for g in ("algorithm", "model", "dataset")}
     record = {  # .hydra/, as Hydra would write it (conf/config.yaml: hydra.output_subdir: null)
         "config.yaml": OmegaConf.to_yaml(cfg),
@@ -38,7 +41,7 @@ def task(cfg: DictConfig) -> float:
     }
     # in a sweep every error propagates: the sweeper records the failed job and goes on
     with user_errors(on_error=to_run_log, active=hc.mode != RunMode.MULTIRUN):
-        summary = train(cfg, hc.runtime.output_dir, names, job_callbacks(), record)
+        summary = train(cfg, hc.runtime.output_dir, names, callbacks, record)
     # What a sweeper maximises: the best validation accuracy (selection on validation data);
     # without a validation set, the last epoch's test accuracy (never the max over epochs).
     best_val = summary["best/val/acc"]

@@ -231,7 +231,7 @@ def group_dir(group: str, conf_dir: Path = CONF_DIR) -> Path | None:
     if (conf_dir / group).is_dir():
         return conf_dir / group
     if group == "sweep":
-        from hydra_plugins.fdfa_optuna_sweeper.sweeps import sweeps_dir
+        from hydra_plugins.fdfa_optuna_sweeper.sweep_group import sweeps_dir
 
         return sweeps_dir()
     return None

@@ -1,4 +1,4 @@
-"""Optuna sweeps (hydra_plugins/fdfa_optuna_sweeper, fdfa/sweep.py, sweeps/*.yaml).
+"""Optuna sweeps (hydra_plugins/fdfa_optuna_sweeper, fdfa/sweep_job.py, sweeps/*.yaml).
 
 Each CLI test is ``python run.py -m sweep=lr ...`` on the tiny synthetic task (256 samples of 1x8x8,
 4 classes, 8 steps per epoch) with a narrow FC net, so a trial takes about a second; process start
@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from fdfa import sweep as job_side
 from fdfa.errors import FdfaError
+from fdfa.sweep_job import Pruned, TrialReporter, job_of
 from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
 from hydra_plugins.fdfa_optuna_sweeper import _space as space
 from hydra_plugins.fdfa_optuna_sweeper import _storage as storage
@@ -79,12 +79,11 @@ def test_sampled_values_become_overrides_hydra_parses_back():
 
 def test_trial_reporter_reports_each_epoch_and_prunes():
     """With MedianPruner(n_startup_trials=1), a trial below the first trial's value at the same
-    epoch is pruned there; the reporter keeps the best value as the trial's result."""
-    assert job_side.job_callbacks() == []  # outside a sweep: no callbacks at all
+    epoch is pruned there (by fdfa's own Pruned); the reporter keeps the best value as the
+    trial's result."""
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(1))
     run = None  # the reporter needs nothing from the run
-    first = job_side.start_trial(study.ask(), "test/acc", "maximize")
-    assert job_side.job_callbacks() == [first]
+    first = TrialReporter(study.ask(), "test/acc", "maximize")
     for epoch, acc in [(1, 0.5), (2, 0.8), (3, 0.7)]:
         first.on_evaluation(run, {"epoch": epoch, "test/acc": acc})
     study.tell(first.trial, first.best)
@@ -93,14 +92,21 @@ def test_trial_reporter_reports_each_epoch_and_prunes():
         2: 0.8,
         3: 0.7,
     }
-    second = job_side.start_trial(study.ask(), "test/acc", "maximize")
+    second = TrialReporter(study.ask(), "test/acc", "maximize")
     second.on_evaluation(run, {"epoch": 1, "test/acc": 0.6})  # above 0.5: goes on
-    with pytest.raises(optuna.TrialPruned):
+    with pytest.raises(Pruned):
         second.on_evaluation(run, {"epoch": 2, "test/acc": 0.3})  # below 0.8: pruned
     with pytest.raises(FdfaError, match="hydra.sweeper.objective"):
         second.on_evaluation(run, {"epoch": 3, "test/loss": 1.0})
-    job_side.end_trial()
-    assert job_side.job_callbacks() == []
+
+
+def test_a_job_reads_its_link_from_the_sweep_job_node():
+    """The one config node a sweeper sets (conf/config.yaml), with defaults for older configs."""
+    assert job_of({}) == {"kind": "train", "number": None, "group": None}
+    cfg = compose_sweep("lr")
+    assert job_of(OmegaConf.to_container(cfg)) == job_of({})
+    node = {"sweep_job": {"kind": "trial", "number": 3, "group": "lr-bp"}}
+    assert job_of(node) == {"kind": "trial", "number": 3, "group": "lr-bp"}
 
 
 def test_silent_or_dead_workers_trials_are_failed_and_queued_again(tmp_path):
@@ -118,12 +124,11 @@ def test_silent_or_dead_workers_trials_are_failed_and_queued_again(tmp_path):
         "dead": ({"machine": machine, "pid": dead.pid, "host": "a"}, now),
         "alive": ({"machine": machine, "pid": os.getppid(), "host": "a"}, now),
     }
-    for i, (worker, beat) in enumerate(workers.values()):
+    for worker, beat in workers.values():
         trial = study.ask({"x": FloatDistribution(0, 10)})
-        store.set_trial_system_attr(trial._trial_id, liveness.WORKER_ATTR, worker)
-        store.set_trial_system_attr(trial._trial_id, liveness.HEARTBEAT_ATTR, beat)
-        store.set_trial_user_attr(trial._trial_id, "i", i)
-    liveness.fail_abandoned(study, store, machine, grace_period=60.0)
+        trial.set_user_attr(liveness.WORKER_ATTR, worker)
+        trial.set_user_attr(liveness.HEARTBEAT_ATTR, beat)
+    liveness.fail_abandoned(study, machine, grace_period=60.0)
     trials = study.get_trials()
     states = {name: trials[i].state for i, name in enumerate(workers)}
     assert states == {
@@ -136,8 +141,9 @@ def test_silent_or_dead_workers_trials_are_failed_and_queued_again(tmp_path):
     assert sorted(t.user_attrs["redo_of"] for t in redos) == [0, 2]
     for redo in redos:  # same parameters as the abandoned trial
         assert redo.system_attrs["fixed_params"] == trials[redo.user_attrs["redo_of"]].params
-    assert all(not liveness.counts(trials[i]) for i in (0, 2))  # their places go to the redos
-    assert "abandoned" in trials[0].user_attrs["fail_reason"]
+    assert liveness.places_taken(trials) == 4  # 2 running, 2 redos: the abandoned take none
+    reasons = {t.user_attrs["redo_of"]: t.user_attrs["redo_reason"] for t in redos}
+    assert "no heartbeat" in reasons[0] and "has stopped" in reasons[2]
 
 
 def test_every_sweep_file_composes_and_parses():
@@ -192,7 +198,8 @@ def test_sweep_runs_n_trials_reports_and_resumes(tmp_path):
     assert len(study.trials) == 6 and len(finished(study)) == 6
     for trial in study.trials:  # each job ran with its trial's lr, in <sweep dir>/<trial number>
         job = OmegaConf.load(tmp_path / str(trial.number) / ".hydra" / "config.yaml")
-        assert job.optuna_trial == trial.number
+        assert (job.sweep_job.kind, job.sweep_job.number) == ("trial", trial.number)
+        assert job.sweep_job.group == "lr-bp-fc-fake"
         assert job.optimizer.lr == pytest.approx(trial.params["optimizer.lr"])
         summary = json.loads((tmp_path / str(trial.number) / "summary.json").read_text())
         assert trial.value == summary["best/val/acc"]
@@ -223,7 +230,7 @@ def test_two_workers_started_together_share_one_fresh_study(tmp_path):
         assert worker.returncode == 0, out
     study = load(tmp_path)
     assert [t.number for t in finished(study)] == list(range(8)) and len(study.trials) == 8
-    pids = {t.system_attrs[liveness.WORKER_ATTR]["pid"] for t in study.trials}
+    pids = {t.user_attrs[liveness.WORKER_ATTR]["pid"] for t in study.trials}
     assert pids == {w.pid for w in workers}  # both contributed (each trial takes >= 0.5 s)
 
 
@@ -284,7 +291,7 @@ def test_rerun_redoes_the_trial_of_a_killed_worker(tmp_path):
     res = sweep_cli(tmp_path / "sweep", *cmd)
     assert res.returncode == 0, res.stdout + res.stderr
     killed, redo, new = load(tmp_path / "sweep").trials
-    assert killed.state == TrialState.FAIL and killed.user_attrs["abandoned"]
+    assert killed.state == TrialState.FAIL and "has stopped" in redo.user_attrs["redo_reason"]
     assert redo.user_attrs["redo_of"] == 0 and redo.params == killed.params
     assert redo.state == new.state == TrialState.COMPLETE
 
@@ -431,7 +438,7 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url
         assert worker.returncode == 0, out
     study = load(tmp_path, name="shared", storage=postgres_url)
     assert [t.number for t in finished(study)] == list(range(6)) and len(study.trials) == 6
-    assert {t.system_attrs[liveness.WORKER_ATTR]["pid"] for t in study.trials} == {
+    assert {t.user_attrs[liveness.WORKER_ATTR]["pid"] for t in study.trials} == {
         w.pid for w in workers
     }
     ran = sorted(int(p.name) for d in ("a", "b") for p in (tmp_path / d).glob("[0-9]*"))
@@ -454,3 +461,29 @@ def test_rerun_with_other_settings_is_refused_before_any_trial(tmp_path):
     res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2")  # the same settings: resumes
     assert res.returncode == 0, res.stdout + res.stderr
     assert len(finished(load(tmp_path))) == 2
+
+
+@pytest.mark.slow
+def test_a_sweep_dir_holds_one_study_and_says_where_its_results_are(tmp_path):
+    """A second sweep of another study (algorithm=dfa: study lr-dfa-...) in the same sweep dir
+    is refused in one line before it touches anything. A sweep estimates the time left after
+    its first trial and ends with where its results and report are."""
+    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "a trial took" in out and "left for 1 more trial(s) on 1 worker(s)" in out
+    last = res.stdout.strip().splitlines()[-2:]
+    assert last == [
+        f"results: {tmp_path / 'optimization_results.yaml'} (plots: {tmp_path}/*.png)",
+        f"report: python -m fdfa.report {tmp_path} --out report/{tmp_path.name}",
+    ]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2", "algorithm=dfa")
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "study 'lr-bp-fc-fake'" in err and "'lr-dfa-fc-fake'" in err
+    assert "hydra.sweep.dir=" in err
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing moved, written or added
+    assert optuna.get_all_study_names(sqlite_url(tmp_path)) == ["lr-bp-fc-fake"]
