@@ -227,7 +227,8 @@ def _is_group(override: Override, conf_dir: Path) -> bool:
 
 def group_dir(group: str, conf_dir: Path = CONF_DIR) -> Path | None:
     """The folder of a config group's options: conf/<group>, or sweeps/ for ``sweep`` (registered
-    by the sweeper plugin, hydra_plugins/fdfa_optuna_sweeper/sweeps.py); None if not a group."""
+    by the sweeper plugin, hydra_plugins/fdfa_optuna_sweeper/sweep_group.py); None if not a
+    group."""
     if (conf_dir / group).is_dir():
         return conf_dir / group
     if group == "sweep":

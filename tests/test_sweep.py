@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from fdfa import checkpoint
 from fdfa.errors import FdfaError
 from fdfa.sweep_job import Pruned, TrialReporter, job_of
 from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
@@ -107,6 +108,8 @@ def test_a_job_reads_its_link_from_the_sweep_job_node():
     assert job_of(OmegaConf.to_container(cfg)) == job_of({})
     node = {"sweep_job": {"kind": "trial", "number": 3, "group": "lr-bp"}}
     assert job_of(node) == {"kind": "trial", "number": 3, "group": "lr-bp"}
+    # a checkpoint written before the node existed still resumes (fdfa/checkpoint.py)
+    assert checkpoint.config_differences({"seed": 0}, {"seed": 0, **node}) == []
 
 
 def test_silent_or_dead_workers_trials_are_failed_and_queued_again(tmp_path):
@@ -458,6 +461,12 @@ def test_rerun_with_other_settings_is_refused_before_any_trial(tmp_path):
     assert "trainer.epochs: 1 in the study, 2 now" in err and "trainer.epochs=1" in err
     assert "hydra.sweeper.study_name" in err
     assert len(load(tmp_path).trials) == 1 and not (tmp_path / "1").exists()  # nothing ran
+    # nor do confirmation runs at another width (issue 32.2: they would pool two widths)
+    res = sweep_cli(
+        tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweeper.confirm_seeds=1", "model.width=16"
+    )
+    assert res.returncode == 2 and "model.width: 32 in the study, 16 now" in res.stderr
+    assert not (tmp_path / "confirm").exists()
     res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2")  # the same settings: resumes
     assert res.returncode == 0, res.stdout + res.stderr
     assert len(finished(load(tmp_path))) == 2
