@@ -452,7 +452,7 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url
 def test_rerun_with_other_settings_is_refused_before_any_trial(tmp_path):
     """A study records the settings its trials share: a rerun with trainer.epochs changed stops
     in one line naming trainer.epochs and both ways out; n_trials may change (it resumes)."""
-    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=1")
+    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweeper.confirm_seeds=0")
     assert res.returncode == 0, res.stdout + res.stderr
     res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2", "trainer.epochs=2")
     assert res.returncode == 2, res.stdout + res.stderr
@@ -461,13 +461,16 @@ def test_rerun_with_other_settings_is_refused_before_any_trial(tmp_path):
     assert "trainer.epochs: 1 in the study, 2 now" in err and "trainer.epochs=1" in err
     assert "hydra.sweeper.study_name" in err
     assert len(load(tmp_path).trials) == 1 and not (tmp_path / "1").exists()  # nothing ran
-    # nor do confirmation runs at another width (issue 32.2: they would pool two widths)
+    # nor do confirmation runs at another width (issue 32.2: they would pool two widths): the
+    # study has its n_trials, so without the record this rerun would go straight to them
     res = sweep_cli(
         tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweeper.confirm_seeds=1", "model.width=16"
     )
     assert res.returncode == 2 and "model.width: 32 in the study, 16 now" in res.stderr
     assert not (tmp_path / "confirm").exists()
-    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2")  # the same settings: resumes
+    res = sweep_cli(
+        tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.confirm_seeds=0"
+    )  # resumes
     assert res.returncode == 0, res.stdout + res.stderr
     assert len(finished(load(tmp_path))) == 2
 
