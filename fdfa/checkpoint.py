@@ -17,8 +17,9 @@ import torch
 from fdfa.errors import DiskFullError, FdfaError, is_disk_full, one_line
 
 FORMAT = 1  # bump when the checkpoint layout changes
-# Config sections that may change between a run and its resumption (more epochs, another device...).
-RESUMABLE_CHANGES = ("trainer", "logger", "metrics")
+# Config sections that may change between a run and its resumption (more epochs, another device...;
+# sweep_job: how a sweeper launched it, absent from checkpoints of older fdfa).
+RESUMABLE_CHANGES = ("trainer", "logger", "metrics", "sweep_job")
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 

@@ -25,16 +25,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdfa.allocator import keep_freed_memory
 from fdfa.errors import Interrupted, RunDirRefused, user_errors
-from fdfa.sweep import assign_job_gpu, job_callbacks, record_machine_gpus
+from fdfa.gpus import assign_job_gpu, record_machine_gpus
 from fdfa.train import train
 from fdfa.validate import CONF_DIR, preflight
 
 log = logging.getLogger(__name__)
 
 
-def task(cfg: DictConfig) -> float:
+def task(cfg: DictConfig, callbacks=()) -> float:
+    """One job. ``callbacks``: the trainer callbacks a sweeper gives a trial's job (its pruning
+    reporter, fdfa/sweep_job.py); a sweeper also sets the job's ``sweep_job`` config node."""
     hc = HydraConfig.get()
-    assign_job_gpu(hc)  # a grid job of submitit_local or joblib: GPU job.num mod G
+    kind = OmegaConf.select(cfg, "sweep_job.kind", default="train")  # or a sweep's trial, confirm
+    assign_job_gpu(hc, kind)  # a grid job of submitit_local or joblib: GPU job.num mod G
     names = {g: hc.runtime.choices.get(g) for g in ("algorithm", "model", "dataset")}
     record = {  # .hydra/, as Hydra would write it (conf/config.yaml: hydra.output_subdir: null)
         "config.yaml": OmegaConf.to_yaml(cfg),
@@ -45,7 +48,7 @@ def task(cfg: DictConfig) -> float:
     # in a sweep every error propagates: the sweeper records the failed job and goes on
     with user_errors(on_error=to_run_log, active=single):
         try:
-            summary = train(cfg, hc.runtime.output_dir, names, job_callbacks(), record)
+            summary = train(cfg, hc.runtime.output_dir, names, callbacks, record)
         except Interrupted as err:
             if single:  # a sweep's trial is handed back by the sweeper instead
                 err.how_to_resume = f"resume with: {resume_command(hc)}"

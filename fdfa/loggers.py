@@ -20,7 +20,7 @@ from hydra.types import RunMode
 
 from fdfa.checks import check_arguments, number
 from fdfa.errors import FdfaError, one_line
-from fdfa.sweep import job_kind
+from fdfa.sweep_job import job_of
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ def run_name(names: dict | None, run_config: dict, kind: str = "train") -> str:
     parts = [str(v) for v in (names or {}).values() if v]
     if run_config.get("seed") is not None:
         parts.append(f"seed{run_config['seed']}")
-    if run_config.get("optuna_trial") is not None:
-        parts.append(f"trial{run_config['optuna_trial']}")
+    if job_of(run_config)["number"] is not None:
+        parts.append(f"trial{job_of(run_config)['number']}")
     if kind == "confirm":
         parts.append("confirm")
     return "-".join(parts)
@@ -106,11 +106,12 @@ class WandbLogger:
     """One Weights & Biases run per training run (``logger=wandb``).
 
     The run is named by :func:`run_name`; runs of one multirun share a group (``group``; else the
-    sweep dir's name); ``job_type`` (else ``fdfa.sweep.job_kind()``) tells train, trial and
-    confirm runs apart. The resolved config goes to the W&B config, the algorithm, model and
-    dataset names to its tags (after ``tags``), every record (``step`` included) to its history at
-    the record's ``step``, and the final summary dict to its summary. Evaluation metrics use
-    ``epoch`` as their x-axis, alignment metrics ``step``. ``finish`` ends the W&B run with exit
+    study's name, ``sweep_job.group``, else the sweep dir's name); ``job_type`` (else the config's
+    ``sweep_job.kind``) tells train, trial and confirm runs apart. The resolved config goes to the
+    W&B config, the algorithm, model and dataset names to its tags (after ``tags``), every record
+    (``step`` included) to its history at the record's ``step``, and the final summary dict to its
+    summary. Evaluation metrics use ``epoch`` as their x-axis, alignment metrics ``step``.
+    ``finish`` ends the W&B run with exit
     code 0 when the summary's status is completed, pruned or diverged, 1 when training failed.
     ``mode=offline`` (the default unless $WANDB_MODE says otherwise) writes the run under
     ``<dir>/wandb/`` (``dir``: else $WANDB_DIR, else the run dir) without an account; ``wandb sync``
@@ -158,7 +159,9 @@ class WandbLogger:
             )
         self.run = None
         self._first_new_step = 0  # records before this step are in the W&B run already
-        run_config, kind = dict(run_config or {}), job_kind()
+        run_config = dict(run_config or {})
+        job = job_of(run_config)  # how a sweeper runs this job (fdfa/sweep_job.py)
+        kind = job["kind"]
         tags = [str(t) for t in (tags or [])]
         tags += [str(v) for v in (names or {}).values() if v]
         id_file = Path(out_dir) / self.ID_FILE
@@ -178,7 +181,7 @@ class WandbLogger:
             init = dict(
                 project=project,
                 entity=entity,
-                group=group or multirun_group(),
+                group=group or job["group"] or multirun_group(),
                 job_type=job_type or kind,
                 name=name or run_name(names, run_config, kind),
                 id=run_id,
@@ -274,7 +277,7 @@ def hparams(run_config: dict, names: dict | None) -> dict:
         "batch_size": (run_config.get("dataset") or {}).get("batch_size"),
         **{k: v for k, v in algorithm.items() if not k.startswith("_")},
         "seed": run_config.get("seed"),
-        "trial": run_config.get("optuna_trial"),
+        "trial": job_of(run_config)["number"],
     }
     return {k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}
 

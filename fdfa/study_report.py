@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fdfa.loggers import _one_line, multirun_group, supersede_offline_sessions
+from fdfa.loggers import _one_line, supersede_offline_sessions
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _log_study(study, sweep_dir: Path, settings: dict, config: DictConfig) -> No
     run = wandb.init(
         project=settings.get("project"),
         entity=settings.get("entity"),
-        group=settings.get("group") or multirun_group() or study.study_name,
+        group=settings.get("group") or study.study_name,  # as its trials' (sweep_job.group)
         job_type="study",
         name=f"study-{study.study_name}",
         id=run_id,

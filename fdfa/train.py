@@ -32,6 +32,7 @@ from fdfa.resume import check_compatible, resume_source
 from fdfa.rules.base import rule_optimizers
 from fdfa.rundir import RunDirLock
 from fdfa.runfiles import RunFiles
+from fdfa.sweep_job import Pruned
 from fdfa.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class Run:
         self.files = RunFiles(out_dir)
         self.given_names = names or {}
         # Objects with ``on_evaluation(run, record)``, called after each evaluation is logged; one
-        # may raise to end the run (a sweeper's pruner raises optuna.TrialPruned).
+        # may raise to end the run (a sweep trial's reporter raises fdfa.sweep_job.Pruned).
         self.callbacks = list(callbacks)
         self.record = record or {}
         self.stop = stop or StopSignals()  # not entered: no handlers, signum stays None
@@ -247,7 +248,7 @@ class Run:
                     summary["status"] = "diverged"
                 elif isinstance(err, KeyboardInterrupt):  # Interrupted, or a Ctrl-C unhandled
                     summary["status"] = "interrupted"
-                elif type(err).__name__ == "TrialPruned":  # optuna's, raised by a sweep's pruner
+                elif isinstance(err, Pruned):  # raised by a sweep trial's reporter
                     summary["status"] = "pruned"
                 self._finish(summary, failing=True)  # never masks err
                 if isinstance(err, Exception) and is_disk_full(err):

@@ -236,11 +236,12 @@ def _is_group(override: Override, conf_dir: Path) -> bool:
 
 def group_dir(group: str, conf_dir: Path = CONF_DIR) -> Path | None:
     """The folder of a config group's options: conf/<group>, or sweeps/ for ``sweep`` (registered
-    by the sweeper plugin, hydra_plugins/fdfa_optuna_sweeper/sweeps.py); None if not a group."""
+    by the sweeper plugin, hydra_plugins/fdfa_optuna_sweeper/sweep_group.py); None if not a
+    group."""
     if (conf_dir / group).is_dir():
         return conf_dir / group
     if group == "sweep":
-        from hydra_plugins.fdfa_optuna_sweeper.sweeps import sweeps_dir
+        from hydra_plugins.fdfa_optuna_sweeper.sweep_group import sweeps_dir
 
         return sweeps_dir()
     return None

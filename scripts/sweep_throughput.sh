@@ -24,7 +24,7 @@ from collections import Counter
 d, n, trials, start, end = sys.argv[1], sys.argv[2], int(sys.argv[3]), *map(float, sys.argv[4:])
 study = optuna.load_study(study_name=optuna.get_all_study_names(f"sqlite:///{d}/optuna.db")[0],
                           storage=f"sqlite:///{d}/optuna.db")
-workers = Counter((t.system_attrs["fdfa:worker"]["pid"], t.system_attrs["fdfa:worker"]["gpu"])
+workers = Counter((t.user_attrs["fdfa:worker"]["pid"], t.user_attrs["fdfa:worker"]["gpu"])
                   for t in study.trials)
 print(f"n_jobs={n}: {trials} trials in {end - start:.1f} s = {trials * 3600 / (end - start):.0f}"
       f" trials/hour; trials per (worker pid, GPU): {dict(workers)}")

@@ -1,4 +1,4 @@
-"""Optuna sweeps (hydra_plugins/fdfa_optuna_sweeper, fdfa/sweep.py, sweeps/*.yaml).
+"""Optuna sweeps (hydra_plugins/fdfa_optuna_sweeper, fdfa/sweep_job.py, sweeps/*.yaml).
 
 Each CLI test is ``python run.py -m sweep=lr ...`` on the tiny synthetic task (256 samples of 1x8x8,
 4 classes, 8 steps per epoch) with a narrow FC net, so a trial takes about a second; process start
@@ -23,8 +23,9 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from fdfa import sweep as job_side
+from fdfa import checkpoint
 from fdfa.errors import FdfaError
+from fdfa.sweep_job import Pruned, TrialReporter, job_of
 from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
 from hydra_plugins.fdfa_optuna_sweeper import _space as space
 from hydra_plugins.fdfa_optuna_sweeper import _storage as storage
@@ -79,12 +80,11 @@ def test_sampled_values_become_overrides_hydra_parses_back():
 
 def test_trial_reporter_reports_each_epoch_and_prunes():
     """With MedianPruner(n_startup_trials=1), a trial below the first trial's value at the same
-    epoch is pruned there; the reporter keeps the best value as the trial's result."""
-    assert job_side.job_callbacks() == []  # outside a sweep: no callbacks at all
+    epoch is pruned there (by fdfa's own Pruned); the reporter keeps the best value as the
+    trial's result."""
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(1))
     run = None  # the reporter needs nothing from the run
-    first = job_side.start_trial(study.ask(), "test/acc", "maximize")
-    assert job_side.job_callbacks() == [first]
+    first = TrialReporter(study.ask(), "test/acc", "maximize")
     for epoch, acc in [(1, 0.5), (2, 0.8), (3, 0.7)]:
         first.on_evaluation(run, {"epoch": epoch, "test/acc": acc})
     study.tell(first.trial, first.best)
@@ -93,14 +93,23 @@ def test_trial_reporter_reports_each_epoch_and_prunes():
         2: 0.8,
         3: 0.7,
     }
-    second = job_side.start_trial(study.ask(), "test/acc", "maximize")
+    second = TrialReporter(study.ask(), "test/acc", "maximize")
     second.on_evaluation(run, {"epoch": 1, "test/acc": 0.6})  # above 0.5: goes on
-    with pytest.raises(optuna.TrialPruned):
+    with pytest.raises(Pruned):
         second.on_evaluation(run, {"epoch": 2, "test/acc": 0.3})  # below 0.8: pruned
     with pytest.raises(FdfaError, match="hydra.sweeper.objective"):
         second.on_evaluation(run, {"epoch": 3, "test/loss": 1.0})
-    job_side.end_trial()
-    assert job_side.job_callbacks() == []
+
+
+def test_a_job_reads_its_link_from_the_sweep_job_node():
+    """The one config node a sweeper sets (conf/config.yaml), with defaults for older configs."""
+    assert job_of({}) == {"kind": "train", "number": None, "group": None}
+    cfg = compose_sweep("lr")
+    assert job_of(OmegaConf.to_container(cfg)) == job_of({})
+    node = {"sweep_job": {"kind": "trial", "number": 3, "group": "lr-bp"}}
+    assert job_of(node) == {"kind": "trial", "number": 3, "group": "lr-bp"}
+    # a checkpoint written before the node existed still resumes (fdfa/checkpoint.py)
+    assert checkpoint.config_differences({"seed": 0}, {"seed": 0, **node}) == []
 
 
 def test_silent_or_dead_workers_trials_are_failed_and_queued_again(tmp_path):
@@ -118,12 +127,11 @@ def test_silent_or_dead_workers_trials_are_failed_and_queued_again(tmp_path):
         "dead": ({"machine": machine, "pid": dead.pid, "host": "a"}, now),
         "alive": ({"machine": machine, "pid": os.getppid(), "host": "a"}, now),
     }
-    for i, (worker, beat) in enumerate(workers.values()):
+    for worker, beat in workers.values():
         trial = study.ask({"x": FloatDistribution(0, 10)})
-        store.set_trial_system_attr(trial._trial_id, liveness.WORKER_ATTR, worker)
-        store.set_trial_system_attr(trial._trial_id, liveness.HEARTBEAT_ATTR, beat)
-        store.set_trial_user_attr(trial._trial_id, "i", i)
-    liveness.fail_abandoned(study, store, machine, grace_period=60.0)
+        trial.set_user_attr(liveness.WORKER_ATTR, worker)
+        trial.set_user_attr(liveness.HEARTBEAT_ATTR, beat)
+    liveness.fail_abandoned(study, machine, grace_period=60.0)
     trials = study.get_trials()
     states = {name: trials[i].state for i, name in enumerate(workers)}
     assert states == {
@@ -136,8 +144,9 @@ def test_silent_or_dead_workers_trials_are_failed_and_queued_again(tmp_path):
     assert sorted(t.user_attrs["redo_of"] for t in redos) == [0, 2]
     for redo in redos:  # same parameters as the abandoned trial
         assert redo.system_attrs["fixed_params"] == trials[redo.user_attrs["redo_of"]].params
-    assert all(not liveness.counts(trials[i]) for i in (0, 2))  # their places go to the redos
-    assert "abandoned" in trials[0].user_attrs["fail_reason"]
+    assert liveness.places_taken(trials) == 4  # 2 running, 2 redos: the abandoned take none
+    reasons = {t.user_attrs["redo_of"]: t.user_attrs["redo_reason"] for t in redos}
+    assert "no heartbeat" in reasons[0] and "has stopped" in reasons[2]
 
 
 def test_every_sweep_file_composes_and_parses():
@@ -192,7 +201,8 @@ def test_sweep_runs_n_trials_reports_and_resumes(tmp_path):
     assert len(study.trials) == 6 and len(finished(study)) == 6
     for trial in study.trials:  # each job ran with its trial's lr, in <sweep dir>/<trial number>
         job = OmegaConf.load(tmp_path / str(trial.number) / ".hydra" / "config.yaml")
-        assert job.optuna_trial == trial.number
+        assert (job.sweep_job.kind, job.sweep_job.number) == ("trial", trial.number)
+        assert job.sweep_job.group == "lr-bp-fc-fake"
         assert job.optimizer.lr == pytest.approx(trial.params["optimizer.lr"])
         summary = json.loads((tmp_path / str(trial.number) / "summary.json").read_text())
         assert trial.value == summary["best/val/acc"]
@@ -223,7 +233,7 @@ def test_two_workers_started_together_share_one_fresh_study(tmp_path):
         assert worker.returncode == 0, out
     study = load(tmp_path)
     assert [t.number for t in finished(study)] == list(range(8)) and len(study.trials) == 8
-    pids = {t.system_attrs[liveness.WORKER_ATTR]["pid"] for t in study.trials}
+    pids = {t.user_attrs[liveness.WORKER_ATTR]["pid"] for t in study.trials}
     assert pids == {w.pid for w in workers}  # both contributed (each trial takes >= 0.5 s)
 
 
@@ -284,7 +294,7 @@ def test_rerun_redoes_the_trial_of_a_killed_worker(tmp_path):
     res = sweep_cli(tmp_path / "sweep", *cmd)
     assert res.returncode == 0, res.stdout + res.stderr
     killed, redo, new = load(tmp_path / "sweep").trials
-    assert killed.state == TrialState.FAIL and killed.user_attrs["abandoned"]
+    assert killed.state == TrialState.FAIL and "has stopped" in redo.user_attrs["redo_reason"]
     assert redo.user_attrs["redo_of"] == 0 and redo.params == killed.params
     assert redo.state == new.state == TrialState.COMPLETE
 
@@ -312,12 +322,20 @@ def test_confirmation_reruns_the_best_params_with_seeds_and_a_rerun_resumes(tmp_
     assert res.returncode == 0, res.stdout + res.stderr
     study = load(tmp_path)
     assert len(study.trials) == 2  # confirmation runs are not trials
+    # Confirmation runs on seeds no trial used: no record of theirs repeats a trial's record.
+    trial_records = {records(tmp_path / str(t.number)) for t in study.trials}
+    confirm_dirs = sorted((tmp_path / "confirm").glob("seed*"))
+    assert len(confirm_dirs) == 2
+    for job in confirm_dirs:
+        assert records(job) not in trial_records, f"{job.name} repeats a trial"
     confirm = OmegaConf.to_container(OmegaConf.load(tmp_path / "optimization_results.yaml"))[
         "confirm"
     ]
-    assert confirm["trial"] == study.best_trial.number and confirm["seeds"] == [0, 1]
+    # The trials ran at the config's seed (0): confirmation at the trials' seed + 1..N.
+    assert confirm["trial"] == study.best_trial.number and confirm["seeds"] == [1, 2]
+    assert confirm["trial_seed"] == 0
     values = []
-    for seed in (0, 1):
+    for seed in (1, 2):
         job = tmp_path / "confirm" / f"seed{seed}"
         config = OmegaConf.load(job / ".hydra" / "config.yaml")
         assert config.seed == seed
@@ -330,17 +348,24 @@ def test_confirmation_reruns_the_best_params_with_seeds_and_a_rerun_resumes(tmp_
     assert confirm["ci95_half_width"] == pytest.approx(half, rel=1e-7, abs=1e-12)
     assert confirm["missing_seeds"] == []
 
-    # A rerun runs only what is missing: seed 1's run is gone, seed 0's stays untouched.
-    shutil.rmtree(tmp_path / "confirm" / "seed1")
-    kept = (tmp_path / "confirm" / "seed0" / "summary.json").stat().st_mtime_ns
+    # A rerun runs only what is missing: seed 2's run is gone, seed 1's stays untouched.
+    shutil.rmtree(tmp_path / "confirm" / "seed2")
+    kept = (tmp_path / "confirm" / "seed1" / "summary.json").stat().st_mtime_ns
     res = sweep_cli(tmp_path, *cmd)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert (tmp_path / "confirm" / "seed0" / "summary.json").stat().st_mtime_ns == kept
-    assert json.loads((tmp_path / "confirm" / "seed1" / "summary.json").read_text())[
+    assert (tmp_path / "confirm" / "seed1" / "summary.json").stat().st_mtime_ns == kept
+    assert json.loads((tmp_path / "confirm" / "seed2" / "summary.json").read_text())[
         "selected/test/acc"
     ] == pytest.approx(values[1])
     assert len(load(tmp_path).trials) == 2
-    assert "confirmation run, seed 0" not in res.stdout + res.stderr
+    assert "confirmation run, seed 1" not in res.stdout + res.stderr
+
+
+def records(run_dir: Path) -> tuple:
+    """A run's metrics.jsonl records without their clock readings: equal for equal training."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    timeless = [{k: v for k, v in json.loads(line).items() if "time" not in k} for line in lines]
+    return tuple(json.dumps(r, sort_keys=True) for r in timeless)
 
 
 @pytest.mark.slow
@@ -416,8 +441,61 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url
         assert worker.returncode == 0, out
     study = load(tmp_path, name="shared", storage=postgres_url)
     assert [t.number for t in finished(study)] == list(range(6)) and len(study.trials) == 6
-    assert {t.system_attrs[liveness.WORKER_ATTR]["pid"] for t in study.trials} == {
+    assert {t.user_attrs[liveness.WORKER_ATTR]["pid"] for t in study.trials} == {
         w.pid for w in workers
     }
     ran = sorted(int(p.name) for d in ("a", "b") for p in (tmp_path / d).glob("[0-9]*"))
     assert ran == list(range(6))  # each trial ran once, on one of the two "machines"
+
+
+@pytest.mark.slow
+def test_rerun_with_other_settings_is_refused_before_any_trial(tmp_path):
+    """A study records the settings its trials share: a rerun with trainer.epochs changed stops
+    in one line naming trainer.epochs and both ways out; n_trials may change (it resumes)."""
+    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweeper.confirm_seeds=0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2", "trainer.epochs=2")
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "trainer.epochs: 1 in the study, 2 now" in err and "trainer.epochs=1" in err
+    assert "hydra.sweeper.study_name" in err
+    assert len(load(tmp_path).trials) == 1 and not (tmp_path / "1").exists()  # nothing ran
+    # nor do confirmation runs at another width (issue 32.2: they would pool two widths): the
+    # study has its n_trials, so without the record this rerun would go straight to them
+    res = sweep_cli(
+        tmp_path, "hydra.sweeper.n_trials=1", "hydra.sweeper.confirm_seeds=1", "model.width=16"
+    )
+    assert res.returncode == 2 and "model.width: 32 in the study, 16 now" in res.stderr
+    assert not (tmp_path / "confirm").exists()
+    res = sweep_cli(
+        tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.confirm_seeds=0"
+    )  # resumes
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(finished(load(tmp_path))) == 2
+
+
+@pytest.mark.slow
+def test_a_sweep_dir_holds_one_study_and_says_where_its_results_are(tmp_path):
+    """A second sweep of another study (algorithm=dfa: study lr-dfa-...) in the same sweep dir
+    is refused in one line before it touches anything. A sweep estimates the time left after
+    its first trial and ends with where its results and report are."""
+    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "a trial took" in out and "left for 1 more trial(s) on 1 worker(s)" in out
+    last = res.stdout.strip().splitlines()[-2:]
+    assert last == [
+        f"results: {tmp_path / 'optimization_results.yaml'} (plots: {tmp_path}/*.png)",
+        f"report: python -m fdfa.report {tmp_path} --out report/{tmp_path.name}",
+    ]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    res = sweep_cli(tmp_path, "hydra.sweeper.n_trials=2", "algorithm=dfa")
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "study 'lr-bp-fc-fake'" in err and "'lr-dfa-fc-fake'" in err
+    assert "hydra.sweep.dir=" in err
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing moved, written or added
+    assert optuna.get_all_study_names(sqlite_url(tmp_path)) == ["lr-bp-fc-fake"]

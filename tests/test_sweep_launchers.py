@@ -20,11 +20,11 @@ from omegaconf import OmegaConf
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from fdfa import sweep as job_side
+from fdfa import gpus
 from fdfa.errors import FdfaError
 from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
 from hydra_plugins.fdfa_optuna_sweeper import _storage as storage
-from hydra_plugins.fdfa_optuna_sweeper._workers import resolve_n_jobs
+from hydra_plugins.fdfa_optuna_sweeper._launch import resolve_n_jobs
 from tests.helpers import REPO, PrototypeData
 from tests.sweep_helpers import SLOW, TINY, finish, finished, held_trials, load, sweep_cli, wait_for
 
@@ -56,7 +56,7 @@ class TrainerLikeData(PrototypeData):
 def worker_gpus(study) -> dict:
     """pid -> the CUDA_VISIBLE_DEVICES its worker ran with, over the study's trials."""
     return {
-        t.system_attrs[liveness.WORKER_ATTR]["pid"]: t.system_attrs[liveness.WORKER_ATTR]["gpu"]
+        t.user_attrs[liveness.WORKER_ATTR]["pid"]: t.user_attrs[liveness.WORKER_ATTR]["gpu"]
         for t in study.trials
     }
 
@@ -67,34 +67,34 @@ def worker_gpus(study) -> dict:
 def test_n_jobs_auto_is_one_worker_per_gpu(monkeypatch):
     import torch
 
-    for var in ("CUDA_VISIBLE_DEVICES", job_side.GPUS_ENV):
+    for var in ("CUDA_VISIBLE_DEVICES", gpus.GPUS_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    assert job_side.machine_gpus() == ["0", "1", "2"] and resolve_n_jobs("auto") == 3
+    assert gpus.machine_gpus() == ["0", "1", "2"] and resolve_n_jobs("auto") == 3
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert resolve_n_jobs("auto") == 1 and resolve_n_jobs(4) == 4  # a CPU machine: one worker
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # what this process may see wins
     assert resolve_n_jobs("auto") == 2
-    monkeypatch.setenv(job_side.GPUS_ENV, "1,2,3")  # what the launching command saw wins
-    assert job_side.machine_gpus() == ["1", "2", "3"]
+    monkeypatch.setenv(gpus.GPUS_ENV, "1,2,3")  # what the launching command saw wins
+    assert gpus.machine_gpus() == ["1", "2", "3"]
     for bad in (0, "two", True):
         with pytest.raises(FdfaError, match="hydra.sweeper.n_jobs"):
             resolve_n_jobs(bad)
 
 
 def test_assign_gpu_takes_index_mod_g_once_per_process(monkeypatch):
-    monkeypatch.setattr(job_side, "_gpu", None)
-    monkeypatch.setenv(job_side.GPUS_ENV, "0,1,2")
+    monkeypatch.setattr(gpus, "_gpu", None)
+    monkeypatch.setenv(gpus.GPUS_ENV, "0,1,2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # as submitit_local leaves it
-    assert job_side.assign_gpu(4) == "1" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
-    assert job_side.assign_gpu(0) == "1"  # CUDA may have started: the process keeps its GPU
-    monkeypatch.setattr(job_side, "_gpu", None)
-    monkeypatch.setenv(job_side.GPUS_ENV, "")
-    assert job_side.assign_gpu(3) is None  # no GPUs: nothing to choose
-    assert job_side.launcher_is_local(
+    assert gpus.assign_gpu(4) == "1" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    assert gpus.assign_gpu(0) == "1"  # CUDA may have started: the process keeps its GPU
+    monkeypatch.setattr(gpus, "_gpu", None)
+    monkeypatch.setenv(gpus.GPUS_ENV, "")
+    assert gpus.assign_gpu(3) is None  # no GPUs: nothing to choose
+    assert gpus.launcher_is_local(
         "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
     )
-    assert not job_side.launcher_is_local(
+    assert not gpus.launcher_is_local(
         "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     )
 
@@ -106,14 +106,13 @@ def test_running_trial_no_worker_claimed_is_redone_after_the_grace_period(tmp_pa
     study = optuna.create_study(study_name="s", storage=store, direction="maximize")
     orphan = study.ask({"x": FloatDistribution(0, 10)})
     machine = liveness.machine_id()
-    liveness.fail_abandoned(study, store, machine, grace_period=60.0)
+    liveness.fail_abandoned(study, machine, grace_period=60.0)
     assert study.trials[0].state == TrialState.RUNNING  # young: its worker may still record
     later = time.time() + 61
     monkeypatch.setattr(liveness.time, "time", lambda: later)
-    liveness.fail_abandoned(study, store, machine, grace_period=60.0)
+    liveness.fail_abandoned(study, machine, grace_period=60.0)
     dead, redo = study.get_trials()
-    assert dead.state == TrialState.FAIL and dead.user_attrs["abandoned"]
-    assert "no worker recorded" in dead.user_attrs["fail_reason"]
+    assert dead.state == TrialState.FAIL and "no worker recorded" in redo.user_attrs["redo_reason"]
     assert redo.state == TrialState.WAITING and redo.user_attrs["redo_of"] == orphan.number
     assert redo.system_attrs["fixed_params"] == dead.params
 
@@ -152,8 +151,7 @@ def test_sigterm_hands_the_running_trial_back_at_once(tmp_path):
     # one line says so (the job's own "interrupted" line may follow it)
     assert any("trial 0 handed back" in line for line in out.splitlines()[-2:]), out[-1500:]
     stopped, redo = load(tmp_path / "sweep").trials
-    assert stopped.state == TrialState.FAIL and stopped.user_attrs["abandoned"]
-    assert "SIGTERM" in stopped.user_attrs["fail_reason"]
+    assert stopped.state == TrialState.FAIL and "SIGTERM" in redo.user_attrs["redo_reason"]
     assert redo.state == TrialState.WAITING and redo.user_attrs["redo_of"] == 0
     hold.unlink()
     res = sweep_cli(tmp_path / "sweep", *held)  # the rerun redoes it first
@@ -178,7 +176,7 @@ def test_sigterm_caught_by_the_job_itself_still_hands_the_trial_back(tmp_path):
     out = finish(worker, 120)
     assert worker.returncode == 143, out
     stopped, redo = load(tmp_path / "sweep").trials
-    assert stopped.state == TrialState.FAIL and "interrupted" in stopped.user_attrs["fail_reason"]
+    assert stopped.state == TrialState.FAIL and "interrupted" in redo.user_attrs["redo_reason"]
     assert redo.state == TrialState.WAITING and redo.user_attrs["redo_of"] == 0
 
 
@@ -199,9 +197,9 @@ def test_optuna_sweep_through_submitit_local(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("[0-9]*")) == ["0", "1", "2", "3"]
     assert results_of(tmp_path / "optimization_results.yaml")["trials"] == {"complete": 4}
     # the confirmation runs ran once each, in one of the worker jobs (under the study's lock)
-    assert sorted(p.name for p in (tmp_path / "confirm").glob("seed*")) == ["seed0", "seed1"]
+    assert sorted(p.name for p in (tmp_path / "confirm").glob("seed*")) == ["seed1", "seed2"]
     logs = "".join(p.read_text() for p in tmp_path.glob("**/*.out"))  # the jobs' submitit logs
-    assert [logs.count(f"confirmation run, seed {seed}") for seed in (0, 1)] == [1, 1]
+    assert [logs.count(f"confirmation run, seed {seed}") for seed in (1, 2)] == [1, 1]
 
 
 @pytest.mark.slow
@@ -219,14 +217,14 @@ def test_killed_submitit_worker_trial_is_redone(tmp_path):
     proc = sweep_cli(tmp_path / "s", *cmd, popen=True)
     wait_for(started, proc)
     first = load(tmp_path / "s").trials[0]
-    os.kill(first.system_attrs[liveness.WORKER_ATTR]["pid"], signal.SIGKILL)
+    os.kill(first.user_attrs[liveness.WORKER_ATTR]["pid"], signal.SIGKILL)
     hold.unlink()
     out = finish(proc, 400)
     assert proc.returncode == 0, out
     trials = load(tmp_path / "s").trials
     killed = trials[0]
-    assert killed.state == TrialState.FAIL and killed.user_attrs["abandoned"]
     redo = [t for t in trials if t.user_attrs.get("redo_of") == 0]
+    assert killed.state == TrialState.FAIL and "abandoned" in redo[0].user_attrs["redo_reason"]
     assert len(redo) == 1 and redo[0].state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(trials) == 3
 

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from fdfa import sweep as job_side
 from fdfa.errors import FdfaError
 from fdfa.loggers import WandbLogger
 from fdfa.train import train
@@ -30,7 +29,6 @@ def offline_wandb(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     for var in ("WANDB_DIR", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.delenv("FDFA_WANDB_GROUP", raising=False)
     monkeypatch.setattr(
         "fdfa.loggers._ONLINE_FAILED", None
     )  # no earlier test's failed online start
@@ -125,13 +123,13 @@ def test_a_bad_mode_is_a_clear_error(tmp_path):
         validate_config(compose_config(["logger=wandb", "logger.wandb.init_timeout=inf"]))
 
 
-def test_config_takes_mode_and_group_from_the_environment(monkeypatch):
+def test_config_takes_mode_from_the_environment_and_no_group(monkeypatch):
     cfg = compose_config(["logger=wandb"]).logger.wandb
     assert (cfg.mode, cfg.group, cfg.project) == ("offline", None, "fdfa")
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("FDFA_WANDB_GROUP", "study-7")
+    monkeypatch.setenv("FDFA_WANDB_GROUP", "study-7")  # no longer read: sweep_job.group is
     cfg = compose_config(["logger=csv_wandb"]).logger
-    assert (cfg.wandb.mode, cfg.wandb.group) == ("disabled", "study-7")
+    assert (cfg.wandb.mode, cfg.wandb.group) == ("disabled", None)
     assert cfg.csv._target_ == "fdfa.loggers.CSVLogger"
 
 
@@ -181,21 +179,18 @@ def test_trial_and_confirm_runs_are_named_and_typed_by_how_the_job_runs(tmp_path
         return run.name, run.job_type
 
     assert one_run("plain", {"seed": 0}) == ("fdfa-fc-mnist-seed0", "train")
-    job_side.start_trial(trial=None)  # as the sweeper does around a trial's job
-    try:
-        assert job_side.job_kind() == "trial"
-        assert one_run("trial", {"seed": 1, "optuna_trial": 7}) == (
-            "fdfa-fc-mnist-seed1-trial7",
-            "trial",
-        )
-    finally:
-        job_side.end_trial()
-    job_side.start_confirm()  # as the confirmation runs of a study's best params do
-    try:
-        assert one_run("confirm", {"seed": 2}) == ("fdfa-fc-mnist-seed2-confirm", "confirm")
-    finally:
-        job_side.end_trial()
-    assert job_side.job_kind() == "train"
+    trial = {"kind": "trial", "number": 7, "group": "study-7"}  # as the sweeper sets sweep_job
+    assert one_run("trial", {"seed": 1, "sweep_job": trial}) == (
+        "fdfa-fc-mnist-seed1-trial7",
+        "trial",
+    )
+    assert the_run(tmp_path / "trial").group == "study-7"
+    confirm = {"kind": "confirm", "number": None, "group": "study-7"}  # a study's best, again
+    assert one_run("confirm", {"seed": 2, "sweep_job": confirm}) == (
+        "fdfa-fc-mnist-seed2-confirm",
+        "confirm",
+    )
+    assert one_run("plain-again", {"seed": 0}) == ("fdfa-fc-mnist-seed0", "train")
 
 
 def test_wandb_dir_is_honoured_unless_logger_wandb_dir_is_set(tmp_path, monkeypatch):

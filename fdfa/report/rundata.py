@@ -25,7 +25,8 @@ IGNORED_KEYS = (
     "metrics",
     "wandb",
     "hydra",
-    "optuna_trial",  # the sweeper's trial number: bookkeeping
+    "sweep_job",  # how a sweeper ran the job (fdfa/sweep_job.py): bookkeeping
+    "optuna_trial",  # the trial number in runs of fdfa before sweep_job: bookkeeping
 )
 
 

@@ -1,11 +1,14 @@
 """Which worker runs which trial, whether it is still alive, and handing a trial back.
 
-Every running trial records its worker (machine, pid, host, GPU) and a heartbeat. A trial whose
-worker is gone (its process on this machine has exited, or it has been silent for
-``grace_period``; a trial with no worker recorded counts from its start) is FAILED with the
-``abandoned`` user attr and queued again with the same params. A worker stopped by SIGTERM (SLURM
-sends it before a time limit or preemption) or Ctrl-C hands its running trial back the same way
-at once, instead of leaving it to the grace period.
+Every running trial records its worker (machine, pid, host, GPU) and a heartbeat as user attrs.
+A trial whose worker is gone (its process on this machine has exited, or it has been silent for
+``grace_period``; a trial with no worker recorded counts from its start) is FAILED and queued
+again with the same params: the new trial's user attrs ``redo_of`` (the failed trial's number)
+and ``redo_reason`` say why. A worker stopped by SIGTERM (SLURM sends it before a time limit or
+preemption) or Ctrl-C hands its running trial back the same way at once, instead of leaving it to
+the grace period. Only public Optuna calls: ``Trial.set_user_attr`` on a worker's own trial,
+``Study.tell`` by trial number and ``Study.enqueue_trial`` for another worker's (Optuna has no
+public call that writes attrs on a trial another process asked for, hence the reason on the redo).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from fdfa.interrupt import SignalHandler
 
 log = logging.getLogger(__name__)
 
-WORKER_ATTR = "fdfa:worker"  # trial system attr: {"machine", "pid", "host", "gpu"} of its worker
-HEARTBEAT_ATTR = "fdfa:heartbeat"  # trial system attr: time.time() of its worker's last beat
+WORKER_ATTR = "fdfa:worker"  # trial user attr: {"machine", "pid", "host", "gpu"} of its worker
+HEARTBEAT_ATTR = "fdfa:heartbeat"  # trial user attr: time.time() of its worker's last beat
 
 
 class Preempted(FdfaError):
@@ -66,24 +69,30 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def record_heartbeat(storage, trial_id: int) -> None:
-    storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+def claim(trial: optuna.Trial, machine: str) -> None:
+    """Record this process as the worker of ``trial`` (just asked for), with a first beat."""
+    trial.set_user_attr(WORKER_ATTR, worker_info(machine))
+    record_heartbeat(trial)
+
+
+def record_heartbeat(trial: optuna.Trial) -> None:
+    trial.set_user_attr(HEARTBEAT_ATTR, time.time())
 
 
 class Heartbeat:
     """Records a running trial's heartbeat every ``interval`` seconds, in a thread."""
 
-    def __init__(self, storage, trial_id: int, interval: float):
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+    def __init__(self, trial: optuna.Trial, interval: float):
+        self.trial, self.interval = trial, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fdfa-heartbeat", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                record_heartbeat(self.storage, self.trial_id)
+                record_heartbeat(self.trial)
             except Exception as err:  # a missed beat is harmless; the next one may get through
-                log.debug("heartbeat of trial id %d failed: %s", self.trial_id, err)
+                log.debug("heartbeat of trial %d failed: %s", self.trial.number, err)
 
     def __enter__(self):
         self._thread.start()
@@ -94,32 +103,37 @@ class Heartbeat:
         self._thread.join()
 
 
-def counts(trial) -> bool:
-    """Whether a trial takes a place of n_trials (not a FAILED one that was queued again)."""
-    return not (trial.state == TrialState.FAIL and trial.user_attrs.get("abandoned"))
+def abandoned(trials) -> set[int]:
+    """The numbers of the trials that were handed back (failed, and queued again as a redo)."""
+    return {t.user_attrs["redo_of"] for t in trials if "redo_of" in t.user_attrs}
 
 
-def hand_back(study: optuna.Study, storage, trial, reason: str) -> bool:
-    """Fail a running trial as abandoned and queue its params again; False if it had finished."""
+def places_taken(trials) -> int:
+    """How many of n_trials the study's trials take: all but the abandoned ones (their redos
+    take their places)."""
+    gone = abandoned(trials)
+    return sum(1 for t in trials if t.number not in gone)
+
+
+def hand_back(study: optuna.Study, trial, reason: str) -> bool:
+    """Fail a running trial and queue its params again (call under the study's lock, so that no
+    worker counts it failed before its redo exists); False if it had finished."""
     try:
-        storage.set_trial_user_attr(trial._trial_id, "abandoned", True)
-        storage.set_trial_user_attr(
-            trial._trial_id, "fail_reason", f"abandoned: {reason}; queued again"
-        )
-        if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            return False
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False  # it finished after all
-    study.enqueue_trial(trial.params, user_attrs={"redo_of": trial.number})
+        study.tell(trial.number, state=TrialState.FAIL)
+    except ValueError:  # "Cannot tell a COMPLETE trial": it finished after all
+        return False
+    study.enqueue_trial(
+        trial.params, user_attrs={"redo_of": trial.number, "redo_reason": f"abandoned: {reason}"}
+    )
     log.warning("trial %d abandoned (%s): failed, and queued again", trial.number, reason)
     return True
 
 
-def fail_abandoned(study: optuna.Study, storage, machine: str, grace_period: float) -> None:
+def fail_abandoned(study: optuna.Study, machine: str, grace_period: float) -> None:
     """Hand back every running trial whose worker is gone (call under the study's lock)."""
     now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker, beat = t.system_attrs.get(WORKER_ATTR), t.system_attrs.get(HEARTBEAT_ATTR)
+        worker, beat = t.user_attrs.get(WORKER_ATTR), t.user_attrs.get(HEARTBEAT_ATTR)
         if worker is None or beat is None:
             # A worker killed between ask() and recording itself, or a trial another tool added:
             # its start is its last sign of life.
@@ -135,10 +149,10 @@ def fail_abandoned(study: optuna.Study, storage, machine: str, grace_period: flo
             reason = f"no heartbeat from {worker['host']} for {now - beat:.0f} s"
         else:
             continue
-        hand_back(study, storage, t, reason)
+        hand_back(study, t, reason)
 
 
-class StopSignals(SignalHandler):
+class WorkerSignals(SignalHandler):
     """While entered: SIGTERM and SIGINT set ``received``, are passed on to ``children`` (worker
     processes this one started), and stop a running trial's job by raising ``Preempted`` in it
     (only inside ``job()``, never in the middle of the sweeper's own storage calls). A trainer
@@ -160,6 +174,11 @@ class StopSignals(SignalHandler):
         if self._in_job:
             self._in_job = False  # once: the job's own cleanup may take a while
             raise Preempted(f"stopped by {self.received}")
+
+    def stop_if_told(self) -> None:
+        """Raise Preempted once a signal came (between jobs: nothing to hand back)."""
+        if self.received:
+            raise Preempted(f"stopped by {self.received}; rerun to resume the study")
 
     @contextlib.contextmanager
     def job(self):

@@ -1,5 +1,6 @@
 """Where a study lives: an Optuna storage from a URL, the lock every worker of one study takes,
-and opening (or creating) the study when many workers start at once."""
+opening (or creating) the study when many workers start at once, and the sweep dir's claim: a
+sweep dir belongs to one study (``<sweep dir>/study.yaml``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy
+from omegaconf import OmegaConf
 
 from fdfa.errors import FdfaError
 
@@ -100,14 +102,19 @@ def open_study(url: str, name: str, direction: str, sampler=None, pruner=None):
             lock = StudyLock(url, name)
             with lock():
                 storage = make_storage(url)
-                study = optuna.create_study(
-                    study_name=name,
-                    storage=storage,
-                    sampler=sampler,
-                    pruner=pruner,
-                    direction=direction,
-                    load_if_exists=True,
-                )
+                verbosity = optuna.logging.get_verbosity()
+                optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "Using an existing"
+                try:
+                    study = optuna.create_study(
+                        study_name=name,
+                        storage=storage,
+                        sampler=sampler,
+                        pruner=pruner,
+                        direction=direction,
+                        load_if_exists=True,
+                    )
+                finally:
+                    optuna.logging.set_verbosity(verbosity)
             break
         except ImportError as err:
             raise FdfaError(
@@ -126,3 +133,41 @@ def open_study(url: str, name: str, direction: str, sampler=None, pruner=None):
             "use another hydra.sweeper.study_name"
         )
     return study, storage, lock
+
+
+STUDY_FILE = "study.yaml"  # in a sweep dir: the study (name, storage) whose trials it holds
+
+
+def claim_sweep_dir(sweep_dir: Path, name: str, url: str) -> None:
+    """Make ``sweep_dir`` this study's, or refuse (FdfaError) when it holds another study's
+    trials: before the sweep touches anything there, so a running trial's dir stays as it is.
+    A dir of an older fdfa (no study.yaml) is known by its optimization_results.yaml."""
+    mine = {"study_name": name, "storage": printable_url(url)}
+    path = sweep_dir / STUDY_FILE
+    owner = _recorded_owner(sweep_dir)
+    if owner is None:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with path.open("x") as f:  # the first of two commands started at once wins
+                f.write(OmegaConf.to_yaml(mine))
+        except FileExistsError:
+            pass
+        owner = _recorded_owner(sweep_dir) or mine
+    if owner != mine:
+        raise FdfaError(
+            f"{sweep_dir} holds the trials of study {owner['study_name']!r} "
+            f"({owner['storage']}), not of {name!r}: give this sweep its own dir with "
+            f"hydra.sweep.dir=<new dir>, or continue that study with "
+            f"hydra.sweeper.study_name={owner['study_name']} and its storage"
+        )
+
+
+def _recorded_owner(sweep_dir: Path) -> dict | None:
+    for name in (STUDY_FILE, "optimization_results.yaml"):
+        try:
+            found = OmegaConf.to_container(OmegaConf.load(sweep_dir / name))
+        except Exception:  # missing, or half written by a command starting now
+            continue
+        if isinstance(found, dict) and "study_name" in found:
+            return {"study_name": found["study_name"], "storage": found.get("storage")}
+    return None

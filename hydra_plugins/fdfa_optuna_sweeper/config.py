@@ -72,7 +72,8 @@ class FdfaOptunaSweeperConf:
     heartbeat_interval: float = 10.0  # seconds between a running trial's heartbeats
     grace_period: float = 120.0  # a trial silent this long (its worker died) is failed and redone
     params: dict[str, str] | None = None  # key: search space (interval/range/choice/tag)
-    confirm_seeds: int = 0  # then rerun the best trial's params with seeds 0..N-1 (confirm/seed<i>)
+    confirm_seeds: int = 0  # then rerun the best trial's params on N seeds no trial used: the
+    # trials' seed s (the config's seed) plus 1..N, in confirm/seed<s+i>
 
 
 cs = ConfigStore.instance()

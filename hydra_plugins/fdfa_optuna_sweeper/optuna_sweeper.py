@@ -1,4 +1,5 @@
-"""The Hydra-facing sweeper class; the work is in _impl.py, imported only when a sweep starts.
+"""The Hydra-facing sweeper class; the work is in _command.py and the modules it imports, loaded
+only when a sweep starts.
 
 The sweeper's user errors (``FdfaError``) become one line on stderr and exit code 2 (a worker
 stopped by SIGTERM: 143) through fdfa.errors.user_errors, instead of Hydra's traceback report."""
@@ -20,19 +21,19 @@ class FdfaOptunaSweeper(Sweeper):
 
     def __init__(self, **settings: Any) -> None:
         self.settings = settings  # the fields of config.FdfaOptunaSweeperConf
-        self.impl = None
+        self.command = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
-        from hydra_plugins.fdfa_optuna_sweeper._impl import OptunaSweep
+        from hydra_plugins.fdfa_optuna_sweeper._command import SweepCommand
+        from hydra_plugins.fdfa_optuna_sweeper._plan import Options
 
-        self.hydra_context = hydra_context
-        self.config = config
         with user_errors():
-            self.impl = OptunaSweep(self, **self.settings)
-            self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+            self.command = SweepCommand(
+                Options(**self.settings), hydra_context, task_function, config
+            )
 
     def sweep(self, arguments: list[str]) -> Any:
         with user_errors():
-            return self.impl.sweep(arguments)
+            return self.command.sweep(arguments)

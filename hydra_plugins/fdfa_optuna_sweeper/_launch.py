@@ -1,6 +1,6 @@
 """Starting a sweep's workers: as processes of this command (Hydra's basic launcher), or as the
 jobs of any other Hydra launcher (submitit_slurm, submitit_local, joblib), each running the worker
-loop against the shared study. Local worker i gets GPU i mod G (fdfa.sweep.assign_gpu)."""
+loop (_loop.py) against the shared study. Local worker i gets GPU i mod G (fdfa.gpus)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from fdfa import sweep as job_side
 from fdfa.errors import FdfaError
+from fdfa.gpus import GPUS_ENV, assign_gpu, launcher_is_local, machine_gpus
 
+from ._jobs import JobRunner
+from ._loop import Worker
+from ._plan import Options, Plan
 from ._space import quote
 
 log = logging.getLogger(__name__)
@@ -30,22 +31,10 @@ WORKER_KEYS = (
 )
 
 
-@dataclass
-class Plan:
-    """What every worker of one sweep command shares."""
-
-    space: dict  # param -> Optuna distribution
-    fixed: list  # the overrides every trial gets
-    sweep_dir: Path
-    study_name: str
-    url: str  # the storage
-    seed: int | None  # the sampler seed as given (worker i uses seed + i), or None
-
-
 def resolve_n_jobs(n_jobs) -> int:
     """hydra.sweeper.n_jobs: a number, or ``auto``: one worker per GPU here (one on a CPU)."""
     if n_jobs == "auto":
-        return max(1, len(job_side.machine_gpus()))
+        return max(1, len(machine_gpus()))
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
         raise FdfaError(f"hydra.sweeper.n_jobs must be an integer >= 1 or auto, not {n_jobs!r}")
     return n_jobs
@@ -55,7 +44,7 @@ def start_processes(plan: Plan, n_jobs: int) -> list:
     """Start workers 1..n_jobs-1: this command again on the same study, each on its GPU.
     Returns [(Popen, log path)]."""
     args = [a for a in sys.argv[1:] if a.lstrip("+~").split("=", 1)[0] not in WORKER_KEYS]
-    gpus = job_side.machine_gpus()
+    gpus = machine_gpus()
     procs = []
     for i in range(1, n_jobs):
         extra = [
@@ -68,7 +57,7 @@ def start_processes(plan: Plan, n_jobs: int) -> list:
             extra.append(f"hydra.sweeper.sampler.seed={plan.seed + i}")
         env = dict(os.environ)
         if gpus:  # the worker's only GPU, also as the machine's GPUs it may choose from
-            env["CUDA_VISIBLE_DEVICES"] = env[job_side.GPUS_ENV] = gpus[i % len(gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = env[GPUS_ENV] = gpus[i % len(gpus)]
         path = plan.sweep_dir / f"worker-{i}.log"
         with path.open("ab") as out:
             cmd = [sys.executable, sys.argv[0], *args, *extra]
@@ -91,22 +80,13 @@ class WorkerTask:
     submitit): runs the worker loop in the job's process, each trial in-process through Hydra's
     basic launcher with the app's own task function."""
 
-    def __init__(self, settings: dict, plan: Plan, config, hydra_context, task_function):
-        self.settings, self.plan = settings, plan
+    def __init__(self, options: Options, plan: Plan, config, hydra_context, task_function):
+        self.options, self.plan = options, plan
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def __call__(self, cfg) -> None:
-        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-
-        from ._impl import OptunaSweep
-
         index = HydraConfig.get().job.num
-        if job_side.launcher_is_local(self.config.hydra.launcher.get("_target_")):
-            job_side.assign_gpu(index)  # SLURM gives each job its GPUs itself
-        sweep = OptunaSweep(None, **self.settings)
-        sweep.hydra_context, sweep.config = self.hydra_context, self.config
-        sweep.launcher = BasicLauncher()
-        sweep.launcher.setup(
-            hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
-        )
-        sweep.work(self.plan, index)
+        if launcher_is_local(self.config.hydra.launcher.get("_target_")):
+            assign_gpu(index)  # SLURM gives each job its GPUs itself
+        runner = JobRunner(self.hydra_context, self.config, self.task_function)
+        Worker(self.options, self.plan, runner, index).work(self.config)
