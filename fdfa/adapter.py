@@ -135,6 +135,13 @@ def check_probe(module: nn.Module, steps, input_shape) -> torch.Tensor:
     try:
         try:
             expected = module(x)
+        except Exception as err:  # e.g. images too small for the network's pools
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise ValueError(
+                f"{cls}.forward fails on a probe batch of shape {tuple(x.shape)} "
+                f"({type(err).__name__}: {first}); give it inputs it takes (model.input_size "
+                "resizes the images)"
+            ) from None
         finally:
             for hook in hooks:
                 hook.remove()
