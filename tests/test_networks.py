@@ -394,3 +394,49 @@ def test_resume_on_a_resnet_is_bit_exact(tmp_path, monkeypatch):
     b = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)["rule"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any("running_mean" in k for k in a) and any(k.startswith("feedback") for k in a)
+
+
+# preset -> (dataset, depth, model target, optimizer, lr, batch, epochs, scheduler class, augment)
+RESNET = ("resnet.CifarResNet", "SGD", 0.1, 128)  # He et al. 2016: SGD 0.1, batch 128
+NETWORK_PRESETS = {
+    "cifar10_resnet20": ("cifar10", 20, *RESNET, 182, "MultiStepLR", "flip_crop"),
+    "cifar10_resnet56": ("cifar10", 56, *RESNET, 182, "MultiStepLR", "flip_crop"),
+    "fashion_mnist_resnet20": ("fashion_mnist", 20, *RESNET, 20, "MultiStepLR", "none"),
+    "cifar10_vit": (
+        "cifar10",
+        6,
+        "vit.ViT",
+        "Adam",
+        1e-3,
+        128,
+        200,
+        "CosineAnnealingLR",
+        "flip_crop",
+    ),
+}
+
+
+@pytest.mark.parametrize("preset", NETWORK_PRESETS)
+def test_network_presets_compose_with_their_recipe(preset):
+    from hydra.utils import instantiate
+
+    from fdfa.validate import validate_config
+    from tests.helpers import CONF
+
+    lines = (CONF / "experiment" / f"{preset}.yaml").read_text().splitlines()
+    assert lines[0] == "# @package _global_"
+    assert lines[1].startswith("# python run.py") and f"experiment={preset}" in lines[1]
+    dataset, depth, target, opt, lr, batch, epochs, scheduler, augment = NETWORK_PRESETS[preset]
+    for algorithm in RULES:
+        cfg = compose_config([f"experiment={preset}", f"algorithm={algorithm}"])
+        validate_config(cfg)
+        assert cfg.dataset.name == dataset and cfg.model._target_ == f"fdfa.{target}"
+        assert cfg.model.depth == depth and cfg.optimizer._target_ == f"torch.optim.{opt}"
+        assert (cfg.optimizer.lr, cfg.dataset.batch_size, cfg.trainer.epochs) == (lr, batch, epochs)
+        assert cfg.scheduler._target_ == f"torch.optim.lr_scheduler.{scheduler}"
+        assert "step_size" not in cfg.scheduler  # config.yaml's StepLR keys do not leak in
+        assert cfg.dataset.augment == augment
+    optimizer = instantiate(cfg.optimizer)([nn.Parameter(torch.zeros(1))])
+    instantiate(cfg.scheduler)(optimizer)
+    cfg = compose_config([f"experiment={preset}", "dataset=fake", "trainer.epochs=2"])
+    assert cfg.dataset._target_ == "fdfa.data.FakeImageData" and cfg.trainer.epochs == 2
