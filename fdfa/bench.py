@@ -9,8 +9,10 @@ The forward-mode rules (FDFA, FG-A, FG-W) run once per ``--perturbation`` kind (
 rademacher or both), and their ``rng_share`` is the median time of the step's draws alone (timed in
 the same rounds) over the median step time.
 Memory: on CUDA the peak allocated during the steps; everywhere the bytes of state the rule keeps
-(parameters, feedback, optimizer moments). ``--metrics-overhead`` adds the cost of the alignment
-metrics at their default interval, as a ratio of training time with them to training time without.
+(parameters, feedback, optimizer moments) and of its feedback tensors B_l alone (``feedback_mb``).
+``--models resnet20 resnet56 vit``: the CIFAR ResNets and the small ViT on CIFAR-10 shapes.
+``--metrics-overhead`` adds the cost of the alignment metrics at their default interval, as a ratio
+of training time with them to training time without.
 ``--phases`` splits each rule's (eager) step into draw, forward, backward, feedback and optimizer
 time (``PHASES``), in the same interleaved rounds: where a rule's extra time over BP goes.
 """
@@ -44,8 +46,11 @@ SHAPES = {
     "cnn": ((1, 28, 28), 10, 64),
     "cnn_ref": ((1, 28, 28), 10, 64),
     "alexnet": ((3, 224, 224), 100, 16),  # CIFAR-100 resized; batch 16 keeps CPU runs short
+    "resnet20": ((3, 32, 32), 10, 32),  # CIFAR-10; batch 32 keeps CPU runs short
+    "resnet56": ((3, 32, 32), 10, 32),
+    "vit": ((3, 32, 32), 10, 32),
 }
-GPU_BATCH = {"alexnet": 128}  # on a GPU, the reference's batch
+GPU_BATCH = {"alexnet": 128, "resnet20": 128, "resnet56": 128, "vit": 128}  # the presets' batch
 
 
 def algorithms() -> list[str]:
@@ -83,6 +88,12 @@ def _state_bytes(rule, optimizer) -> int:
         for state in opt.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v)]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _feedback_bytes(rule) -> int:
+    """The bytes of a rule's feedback tensors B_l (0 for rules without them)."""
+    feedback = getattr(rule, "feedback", None)
+    return 0 if feedback is None else sum(b.numel() * b.element_size() for b in feedback)
 
 
 def _synthetic_batch(model_name, device, batch=None):
@@ -204,6 +215,7 @@ def bench_steps(
                 "draw_ms": None if draw is None else 1e3 * draw,
                 "rng_share": None if draw is None else draw / median,
                 "state_mb": _state_bytes(rule, optimizer) / 2**20,
+                "feedback_mb": _feedback_bytes(rule) / 2**20,
                 "peak_cuda_mb": peak[v] / 2**20 if v in peak else None,
             }
         )
@@ -400,6 +412,7 @@ STEP_COLUMNS = [
     "ratio_to_bp",
     "rng_share",
     "state_mb",
+    "feedback_mb",
     "peak_cuda_mb",
 ]
 PHASE_COLUMNS = ["algorithm", "perturbation", "step_ms", *[f"{p}_ms" for p in PHASES], "rest_ms"]

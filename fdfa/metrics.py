@@ -44,6 +44,8 @@ from fdfa.rules.base import perturbed_forward
 
 TINY = 1e-300  # guards divisions by a zero norm (float64)
 WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+# layers acting on each sample alone that may precede a front's weight layer (split_per_sample)
+PER_SAMPLE_FRONTS = (nn.Flatten, nn.Identity, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
 def first_weight_layer(block: nn.Module) -> nn.Module | None:
@@ -88,14 +90,14 @@ def block_weights(block: nn.Module) -> list[nn.Parameter]:
 
 def split_per_sample(module: nn.Module):
     """(front, rest) with ``module(h) == rest(front(h))`` and ``front`` acting on each sample alone
-    (Flatten/Identity/MaxPool2d up to and including the first Linear/Conv layer), or None."""
+    (``PER_SAMPLE_FRONTS`` up to and including the first Linear/Conv layer), or None."""
     if isinstance(module, WEIGHT_LAYERS):
         return module, nn.Identity()
     if isinstance(module, nn.Sequential):
         for i, layer in enumerate(module):
             if isinstance(layer, WEIGHT_LAYERS):
                 return module[: i + 1], module[i + 1 :]
-            if not isinstance(layer, (nn.Flatten, nn.Identity, nn.MaxPool2d)):
+            if not isinstance(layer, PER_SAMPLE_FRONTS):
                 return None
     return None
 

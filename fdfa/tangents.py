@@ -6,8 +6,11 @@ is computed without autograd, by the closed-form rule of each layer type. This i
 ``torch.autograd.forward_ad`` computes, but BatchNorm's generic forward-mode formula costs several
 times a plain forward on the CPU, while its closed form below costs about one.
 
-``t`` has the shape of ``x``, or ``[k, *x.shape]`` for k directions at once. Module types without a
-rule here fall back to ``torch.autograd.forward_ad`` (one direction at a time).
+``t`` has the shape of ``x``, or ``[k, *x.shape]`` for k directions at once. A module that defines
+its own ``forward_with_tangent(x, t)`` method (fdfa's residual and transformer blocks) is run by it;
+other types get a rule of ``_RULES`` (``register_tangent_rule`` adds one, e.g. fdfa.adapter's for
+torchvision's residual blocks) or fall back to ``torch.autograd.forward_ad`` (one direction at a
+time, and the module's forward once per direction).
 """
 
 from __future__ import annotations
@@ -39,11 +42,33 @@ def forward_with_tangent(module: nn.Module, x: torch.Tensor, t: torch.Tensor | N
         for layer in module:
             x, t = forward_with_tangent(layer, x, t)
         return x, t
+    own = getattr(module, "forward_with_tangent", None)
+    if own is not None:
+        return own(x, t)
     rule = _RULES.get(type(module))
     if rule is None:
         return _fallback(module, x, t)
     y, tangent = rule(module, x, t)
     return y, tangent
+
+
+def register_tangent_rule(module_type: type, rule) -> None:
+    """Use ``rule(module, x, t) -> (module(x), J t)`` for modules of exactly ``module_type``."""
+    _RULES[module_type] = rule
+
+
+def residual_with_tangent(main, shortcut, x, t, after=None):
+    """``after(main(x) + shortcut(x))`` and its tangent: the add is linear, so its tangent is the
+    sum of the branches' tangents, each from its own closed forms. ``main``: a module or a list
+    of modules run in order; ``shortcut`` None is the identity; ``after`` None is nothing."""
+    y, y_t = x, t
+    for layer in main if isinstance(main, (list, tuple)) else [main]:
+        y, y_t = forward_with_tangent(layer, y, y_t)
+    s, s_t = (x, t) if shortcut is None else forward_with_tangent(shortcut, x, t)
+    out = y + s
+    with torch.no_grad():
+        out_t = y_t + s_t
+    return (out, out_t) if after is None else forward_with_tangent(after, out, out_t)
 
 
 def _stacked(x, t) -> bool:
@@ -175,6 +200,44 @@ def _max_pool(m: nn.MaxPool2d, x, t):
         return y, picked.view(*t.shape[:-2], *y.shape[-2:])
 
 
+def _layer_norm(m: nn.LayerNorm, x, t):
+    """Per sample (and token), over the normalised dims: the same closed form as BatchNorm's,
+    (t - mean(t) - x_hat * mean(x_hat * t)) * gamma / std."""
+    y = m(x)
+    with torch.no_grad():
+        dims = tuple(range(-len(m.normalized_shape), 0))
+        xd = x.detach()
+        inv_std = torch.rsqrt(xd.var(dims, unbiased=False, keepdim=True) + m.eps)
+        x_hat = (xd - xd.mean(dims, keepdim=True)) * inv_std
+        centre = torch.addcmul(
+            t.mean(dims, keepdim=True), x_hat, (x_hat * t).mean(dims, keepdim=True)
+        )
+        tangent = (t - centre).mul_(inv_std)
+        return y, tangent.mul_(m.weight) if m.weight is not None else tangent
+
+
+def _gelu(m: nn.GELU, x, t):
+    if m.approximate != "none":
+        return _fallback(m, x, t)
+    y = m(x)
+    with torch.no_grad():  # GELU'(x) = Phi(x) + x phi(x)
+        xd = x.detach()
+        slope = torch.special.ndtr(xd) + xd * torch.exp(-0.5 * xd * xd) * (2 * torch.pi) ** -0.5
+        return y, t * slope
+
+
+def _dropout(m: nn.Dropout, x, t):
+    """One mask for the primal and every direction (the fallback would draw one per direction)."""
+    if not m.training or m.p == 0:
+        return m(x), t
+    if m.p >= 1:
+        return m(x), torch.zeros_like(t)
+    mask = torch.empty_like(x, requires_grad=False).bernoulli_(1 - m.p).div_(1 - m.p)
+    y = x * mask
+    with torch.no_grad():
+        return y, t * mask
+
+
 def _linear_module(m, x, t):
     """Modules that are linear maps of their input: the tangent goes through the same op."""
     y = m(x)
@@ -214,4 +277,7 @@ _RULES = {
     nn.AdaptiveAvgPool2d: _linear_module,
     nn.AvgPool2d: _linear_module,
     nn.Identity: _linear_module,
+    nn.LayerNorm: _layer_norm,
+    nn.GELU: _gelu,
+    nn.Dropout: _dropout,
 }

@@ -15,6 +15,8 @@ pass each, with the closed-form tangents of fdfa.tangents.
 
 from __future__ import annotations
 
+import logging
+import math
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdfa.checks import check_arguments, fraction, integer, number, one_of
+from fdfa.errors import FdfaError
 from fdfa.models import check_block_net, hidden_shapes
 from fdfa.rules.perturbation import draw
 from fdfa.tangents import forward_with_tangent
@@ -32,6 +35,8 @@ FEEDBACK_INIT = one_of("zeros", "kaiming")
 FEEDBACK_LR = number(1e-4)
 FEEDBACK_DECAY = fraction(0.0)
 N_DIRECTIONS = integer(1, example=4)
+
+log = logging.getLogger(__name__)
 
 
 class StepOutput(NamedTuple):
@@ -85,6 +90,29 @@ def project_error(e: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
     return (e @ feedback.flatten(1)).view(e.shape[0], *feedback.shape[1:])
 
 
+# The most memory the feedback tensors B_l of one rule may take together: B_l is
+# [classes, *h_l.shape[1:]], so a large block output times many classes (ImageNet) grows fast;
+# DKP's and FDFA's Adam keeps two more tensors of each size.
+FEEDBACK_LIMIT_BYTES = 2 * 2**30
+
+
+def check_feedback_memory(model: nn.Module, shapes, element_size: int) -> int:
+    """Log the bytes the feedback tensors B_l will take; raise FdfaError past
+    ``FEEDBACK_LIMIT_BYTES``, naming the model's ``feedback_option`` (e.g.
+    ``model.feedback_at=stage``) that lowers it when it has one. Returns the bytes."""
+    per_class = sum(math.prod(shape) for shape in shapes)
+    size = model.num_classes * per_class * element_size
+    log.info("feedback tensors B_l: %d, %.1f MiB in all", len(shapes), size / 2**20)
+    if size > FEEDBACK_LIMIT_BYTES:
+        option = getattr(model, "feedback_option", None)
+        fix = f"set {option}" if option else "inject at fewer or smaller block outputs"
+        raise FdfaError(
+            f"the feedback tensors B_l would take {size / 2**30:.1f} GiB, over the limit of "
+            f"{FEEDBACK_LIMIT_BYTES / 2**30:g} GiB (fdfa.rules.base.FEEDBACK_LIMIT_BYTES): {fix}"
+        )
+    return size
+
+
 class DirectFeedbackRule(LearningRule):
     """Shared by DFA, DKP and FDFA: one feedback tensor B_l of shape [classes, *h_l.shape[1:]] per
     hidden block, created here from a probe forward; each block is trained on its local graph."""
@@ -94,7 +122,9 @@ class DirectFeedbackRule(LearningRule):
         super().__init__(model)
         params = []
         ref = next(model.parameters())  # feedback lives on the model's device, in its dtype
-        for shape in hidden_shapes(model):
+        shapes = hidden_shapes(model)
+        check_feedback_memory(model, shapes, ref.element_size())
+        for shape in shapes:
             b = torch.empty(model.num_classes, *shape, device=ref.device, dtype=ref.dtype)
             if init == "kaiming":
                 nn.init.kaiming_uniform_(b)
