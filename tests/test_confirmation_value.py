@@ -3,7 +3,7 @@
 
 import json
 
-from hydra_plugins.fdfa_optuna_sweeper._impl import confirmed_value
+from hydra_plugins.fdfa_optuna_sweeper._confirm import confirmed_value
 
 
 def write_summary(run_dir, **summary):
