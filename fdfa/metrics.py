@@ -1,10 +1,12 @@
 """How close each rule's updates come to backprop's, measured on the side of training.
 
-Every ``every_n_steps`` steps the trainer calls ``measure(rule, x, y)`` right after
-``rule.train_step(x, y)`` and before ``optimizer.step()``, so each parameter's ``.grad`` holds the
-rule's update for the batch (x, y). ``measure`` then runs its own forward pass on the same batch
-with the same weights and compares. It never changes what training sees: ``.grad``, BatchNorm
-running statistics, torch's random number generators and the rule's feedback are as before.
+Every ``every_n_steps`` steps the trainer takes ``used = feedback_before_step(rule)`` right before
+``rule.train_step(x, y)`` and calls ``measure(rule, x, y, used)`` right after it, before
+``optimizer.step()``, so each parameter's ``.grad`` holds the rule's update for the batch (x, y)
+and ``used`` the feedback B that update came from. ``measure`` then runs its own forward pass on
+the same batch with the same weights and compares. It never changes what training sees: ``.grad``,
+BatchNorm running statistics, torch's random number generators and the rule's feedback are as
+before.
 
 Hidden block l is named by position and by its first Conv/Linear layer: ``fc1``, ``conv2``, ...
 (``block3`` when it has neither). With W_l that layer's weight, the keys are:
@@ -13,9 +15,15 @@ Hidden block l is named by position and by its first Conv/Linear layer: ``fc1``,
   gradient dL/dW_l (cos 1, angle 0 for BP), and ``align/mean_cos``, the mean over blocks.
 - ``align/<l>/norm_ratio``: |rule's update| / |dL/dW_l|.
 - ``feedback/<l>/cos`` (rules with one feedback tensor per block: DFA, DKP, FDFA, DRTP): between
-  B_l and the target J_l of :func:`output_jacobians`. For the backward-path rules (FA, KP, uSF,
-  brSF, frSF: ``feedback_pairs()``) it is per weight layer instead, between the B that layer's
-  backward uses and its W (names: :func:`weight_layer_names`; brSF: a fresh draw of its B).
+  the B_l the step used and the target J_l of :func:`output_jacobians`. For the backward-path
+  rules (FA, KP, uSF, brSF, frSF: ``feedback_pairs()``) it is per weight layer instead, between
+  the B that layer's backward used in the step and its W (names: :func:`weight_layer_names`).
+  DKP, FDFA and KP update B inside their step, after using it, and brSF draws a new B every step:
+  B read after the step is not the step's, so :meth:`AlignmentMetrics.feedback_before_step`
+  copies B before it: on measured steps only, where a rule keeping the B of its last step would
+  copy B at every step (KP: every weight). brSF's B is drawn there on a fork of the generators,
+  which gives the step's own draw (its step draws B first). ``measure`` without ``used`` takes B
+  as it is then: after the step's update (brSF: the next step's draw).
 - ``estimator/<l>/grad_rel_mse`` (every rule): |update - dL/dW_l|^2 / |dL/dW_l|^2, the relative
   squared error of the rule's update of W_l, the update it applies (0 for BP; for DFA and DKP a
   deterministic function of B_l; for FDFA the update from its B_l, not Ĵ_l). One number on one
@@ -35,6 +43,8 @@ forward and a backward pass) or a much larger ``every_n_steps``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -182,6 +192,28 @@ def rel_mse(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (estimate - truth).square().sum() / truth.square().sum().clamp_min(TINY)
 
 
+class Feedback(NamedTuple):
+    """The B behind ``feedback/*``: one per block (``rule.feedback``; None when the rule has no
+    such list) and the (layer, B) pairs of the backward-path rules (``rule.feedback_pairs()``)."""
+
+    blocks: list[torch.Tensor] | None
+    pairs: list[tuple[nn.Module, torch.Tensor]]
+
+
+def rule_feedback(rule) -> Feedback:
+    """The rule's feedback as it is now (brSF: a draw from torch's generators as they are)."""
+    feedback = getattr(rule, "feedback", None)
+    per_block = feedback is not None and len(feedback) == len(rule.model.blocks)
+    pairs = rule.feedback_pairs() if callable(getattr(rule, "feedback_pairs", None)) else []
+    return Feedback(list(feedback) if per_block else None, list(pairs))
+
+
+def forked_rng(device: torch.device):
+    """A context that restores torch's CPU generator and ``device``'s on exit."""
+    accelerator = [] if device.type == "cpu" else [device]  # the CPU generator always forks
+    return torch.random.fork_rng(devices=accelerator, device_type=device.type)
+
+
 class AlignmentMetrics:
     """Alignment, feedback and estimator metrics every ``every_n_steps`` steps (None: never)."""
 
@@ -205,17 +237,27 @@ class AlignmentMetrics:
         """True when step (1-based: the step just taken) is a multiple of every_n_steps."""
         return self.every_n_steps is not None and step % self.every_n_steps == 0
 
-    def measure(self, rule, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """The metrics for batch (x, y); call after ``rule.train_step(x, y)``, before the step."""
+    def feedback_before_step(self, rule) -> Feedback:
+        """Copies of the feedback B that the rule's next ``train_step`` uses, for ``measure``:
+        call it right before that step (brSF's B is drawn on a fork of the generators, so it is
+        the draw the step makes next, and training's random numbers stay as they were)."""
+        with forked_rng(next(rule.model.parameters()).device), torch.no_grad():
+            blocks, pairs = rule_feedback(rule)
+            return Feedback(
+                None if blocks is None else [b.detach().clone() for b in blocks],
+                [(layer, b.detach().clone()) for layer, b in pairs],
+            )
+
+    def measure(
+        self, rule, x: torch.Tensor, y: torch.Tensor, used: Feedback | None = None
+    ) -> dict[str, float]:
+        """The metrics for batch (x, y); call after ``rule.train_step(x, y)``, before the step.
+        ``used``: what :meth:`feedback_before_step` gave before the step (None: B as it is now)."""
         model = rule.model
         buffers = [b.detach().clone() for b in model.buffers()]
-        accelerator = [] if x.device.type == "cpu" else [x.device]  # the CPU generator always forks
         try:
-            with (
-                torch.random.fork_rng(devices=accelerator, device_type=x.device.type),
-                torch.enable_grad(),
-            ):
-                values = self._measure(rule, model, x, y)
+            with forked_rng(x.device), torch.enable_grad():
+                values = self._measure(rule, model, x, y, used)
         finally:
             with torch.no_grad():
                 for saved, live in zip(buffers, model.buffers()):
@@ -224,15 +266,15 @@ class AlignmentMetrics:
         numbers = torch.stack([values[k].double() for k in keys]).tolist()  # one device sync
         return dict(zip(keys, numbers))
 
-    def _measure(self, rule, model, x, y) -> dict[str, torch.Tensor]:
+    def _measure(self, rule, model, x, y, used) -> dict[str, torch.Tensor]:
         names = block_names(model)
         weights = [block_weights(block) for block in model.blocks]
         updates = [
             flat(p.grad if p.grad is not None else torch.zeros_like(p) for p in ws)
             for ws in weights
         ]
-        feedback = getattr(rule, "feedback", None)
-        has_feedback = feedback is not None and len(feedback) == len(model.blocks)
+        feedback, pairs = rule_feedback(rule) if used is None else used
+        has_feedback = feedback is not None
         forward_mode = bool(getattr(rule, "forward_mode", False))
         estimates_jacobians = has_feedback and callable(getattr(rule, "jacobian_estimates", None))
         feedback_cos = has_feedback and self.jacobian_metrics
@@ -271,7 +313,6 @@ class AlignmentMetrics:
                 out[f"estimator/{name}/jacobian_rel_mse"] = rel_mse(
                     flat([estimates[i]]), flat([targets[i]])
                 )
-        pairs = rule.feedback_pairs() if callable(getattr(rule, "feedback_pairs", None)) else []
         layer_names = weight_layer_names(model) if pairs else {}
         for layer, b in pairs:  # backward-path rules: the B in place of W^T against W
             out[f"feedback/{layer_names[layer]}/cos"] = cosine(flat([b]), flat([layer.weight]))

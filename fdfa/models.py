@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fdfa.checks import check_arguments, integer
+from fdfa.checks import boolean, check_arguments, integer
 from fdfa.errors import FdfaError
 
 
@@ -48,10 +48,21 @@ def _numel(shape) -> int:
 
 
 class FCNet(BlockNet):
-    """n hidden layers of Linear -> BatchNorm1d -> ReLU, then a Linear output layer."""
+    """n hidden layers of Linear -> BatchNorm1d -> ReLU, then a Linear output layer
+    (``batchnorm=False``: Linear -> ReLU, the net of the reference's FG-W script)."""
 
-    @check_arguments(n_layers=integer(1, example=2), width=integer(1, example=800, null=True))
-    def __init__(self, input_shape, num_classes: int, n_layers: int = 2, width: int | None = None):
+    @check_arguments(
+        n_layers=integer(1, example=2), width=integer(1, example=800, null=True),
+        batchnorm=boolean(),
+    )  # fmt: skip
+    def __init__(
+        self,
+        input_shape,
+        num_classes: int,
+        n_layers: int = 2,
+        width: int | None = None,
+        batchnorm: bool = True,
+    ):
         super().__init__(input_shape, num_classes)
         if width is None:  # the reference code's widths: 800 for 28x28 digits, 1000 for CIFAR
             width = 800 if _numel(self.input_shape) <= 28 * 28 else 1000
@@ -60,7 +71,9 @@ class FCNet(BlockNet):
         fan_in = _numel(self.input_shape)
         for i in range(n_layers):
             layers = [nn.Flatten()] if i == 0 else []
-            layers += [nn.Linear(fan_in, self.width), nn.BatchNorm1d(self.width), nn.ReLU()]
+            layers.append(nn.Linear(fan_in, self.width))
+            layers += [nn.BatchNorm1d(self.width)] if batchnorm else []
+            layers.append(nn.ReLU())
             blocks.append(nn.Sequential(*layers))
             fan_in = self.width
         self.blocks = nn.ModuleList(blocks)

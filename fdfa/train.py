@@ -340,13 +340,14 @@ class Run:
                 unchecked.append(loss)
             else:  # eager: the rule fills .grad, the optimizer steps
                 with self.graphed.eager():
+                    used = self.metrics.feedback_before_step(rule) if measure else None  # its B
                     optimizer.zero_grad(set_to_none=True)
                     unchecked.append(rule.train_step(x, y).loss)
                     if measure or len(unchecked) >= check_every:  # before the weights change
                         loss_sum += self._check_losses(unchecked, p.step + 1)
                     if measure:
                         t_metrics = time.perf_counter()
-                        measured = self.metrics.measure(rule, x, y)  # .grad: the rule's update
+                        measured = self.metrics.measure(rule, x, y, used)  # .grad: its update
                         self.log({"epoch": p.epoch, "step": p.step + 1, **measured})
                         t0 += time.perf_counter() - t_metrics  # out of train/samples_per_s
                     optimizer.step()

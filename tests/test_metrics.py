@@ -22,7 +22,7 @@ from fdfa.metrics import (
     side_forward,
 )
 from fdfa.models import FCNet
-from fdfa.rules import BP, DFA, DKP, FDFA, FGA, FGW
+from fdfa.rules import BP, BRSF, DFA, DKP, FDFA, FGA, FGW, KP
 from fdfa.train import train
 from tests.helpers import CONF, NETS, SHAPES, compose_config, make_batch, synthetic_overrides
 
@@ -175,10 +175,11 @@ def test_fdfa_estimate_is_unbiased_for_the_target_and_jacobian_rel_mse_is_its_va
         assert 0.5 / k < ratio < 2 / k
 
 
-@pytest.mark.parametrize("rule_cls", [BP, DFA, DKP, FDFA, FGW, FGA])
+@pytest.mark.parametrize("rule_cls", [BP, DFA, DKP, FDFA, FGW, FGA, KP, BRSF])
 def test_measuring_does_not_change_training(rule_cls):
-    """Same seed, metrics every step vs never: bit-identical weights, buffers, feedback,
-    optimizer state and RNG state after several steps."""
+    """Same seed, metrics every step (the feedback copied before it, as the trainer does) vs
+    never: bit-identical weights, buffers, feedback, optimizer state and RNG state after several
+    steps (brSF's copy draws B: on a fork of the generators)."""
 
     def run(with_metrics):
         torch.manual_seed(4)
@@ -187,11 +188,12 @@ def test_measuring_does_not_change_training(rule_cls):
         metrics = AlignmentMetrics(every_n_steps=1)
         for step in range(1, 6):
             x, y = make_batch(SHAPES["fc"], seed=step)
+            used = metrics.feedback_before_step(rule) if with_metrics else None
             opt.zero_grad(set_to_none=True)
             rule.train_step(x, y)
             if with_metrics and metrics.due(step):
                 grads = [p.grad.clone() for p in rule.model.parameters()]
-                m = metrics.measure(rule, x, y)
+                m = metrics.measure(rule, x, y, used)
                 assert all(torch.equal(a, p.grad) for a, p in zip(grads, rule.model.parameters()))
                 assert "align/mean_cos" in m
             opt.step()

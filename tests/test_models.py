@@ -6,19 +6,67 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
+import fdfa.rules
 from fdfa.data import random_resized_crop_flip
 from fdfa.errors import FdfaError
 from fdfa.models import AlexNet, FCNet, ShallowCNN, hidden_shapes
-from fdfa.rules import BP, DFA, DKP, FDFA
+from fdfa.rules import BP, DFA, DKP, FDFA, FGW
 from tests.helpers import compose_config
 
 RULES = [BP, DFA, DKP, FDFA]
+EVERY_RULE = [getattr(fdfa.rules, name) for name in fdfa.rules.__all__ if name.isupper()]
 
 
 def test_fc_widths_follow_the_reference():
     assert FCNet((1, 28, 28), 10).width == 800
     assert FCNet((3, 32, 32), 10).width == 1000
     assert len(FCNet((1, 28, 28), 10, n_layers=3).blocks) == 3
+
+
+def test_fc_without_batchnorm_is_linear_relu_blocks():
+    net = FCNet((1, 28, 28), 10, n_layers=2, batchnorm=False)
+    assert [[type(m) for m in block] for block in net.blocks] == [
+        [nn.Flatten, nn.Linear, nn.ReLU],
+        [nn.Linear, nn.ReLU],
+    ]
+    assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in net.modules())
+    assert not list(net.buffers())  # no running statistics
+    with_bn = FCNet((1, 28, 28), 10, n_layers=2)
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in with_bn.modules()) == 2
+    with pytest.raises(FdfaError, match="batchnorm must be True or False"):
+        FCNet((1, 28, 28), 10, batchnorm="no")
+
+
+@pytest.mark.parametrize("rule_cls", EVERY_RULE, ids=lambda c: c.__name__)
+def test_every_rule_takes_a_step_on_the_fc_net_without_batchnorm(rule_cls):
+    """A finite loss and a finite update of every parameter; a hidden signal at the first step
+    (DKP and FDFA start with B = 0: none yet), and an optimizer step that moves the weights."""
+    torch.manual_seed(0)
+    net = FCNet((1, 8, 8), 4, n_layers=2, width=16, batchnorm=False)
+    rule = rule_cls(net)
+    x, y = _learnable((1, 8, 8), 4, n=16)
+    before = [p.detach().clone() for p in net.parameters()]
+    out = rule.train_step(x, y)
+    assert out.logits.shape == (16, 4) and torch.isfinite(out.loss)
+    for p in net.parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and torch.isfinite(p.grad).all()
+    first = net.blocks[0][1].weight.grad
+    assert (first.abs().sum() == 0) == (rule_cls in (DKP, FDFA)), rule_cls.__name__
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    assert not torch.equal(before[-2], net.head.weight)
+
+
+def test_the_reference_fg_w_preset_builds_fg_w_on_the_net_without_batchnorm():
+    cfg = compose_config(["experiment=mnist_fc1_fgw_ref"])
+    net = instantiate(cfg.model, input_shape=(1, 28, 28), num_classes=10)
+    assert isinstance(instantiate(cfg.algorithm, net), FGW) and cfg.optimizer.lr == 1e-3
+    # fc_mnist_fwd.py: 784 -> 800 -> ReLU -> 10, nothing else
+    assert [[type(m) for m in b] for b in net.blocks] == [[nn.Flatten, nn.Linear, nn.ReLU]]
+    assert (net.blocks[0][1].in_features, net.width, net.head.out_features) == (784, 800, 10)
+    assert not list(net.buffers())
+    cfg = compose_config(["experiment=mnist_fc1_fgw_ref", "algorithm=bp"])  # any rule, same net
+    assert cfg.algorithm._target_ == "fdfa.rules.BP" and cfg.model.batchnorm is False
+    assert compose_config(["experiment=mnist_fc1"]).model.batchnorm is True
 
 
 def test_cnn_shapes_paper_and_reference_variant():

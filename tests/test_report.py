@@ -33,6 +33,7 @@ from tests.helpers import CONF, compose_config, run_cli, synthetic_overrides
 # preset -> (dataset, model class, model keys, batch size): the reference code's runs
 PRESETS = {
     "mnist_fc1": ("mnist", "FCNet", {"n_layers": 1, "width": None}, 64),
+    "mnist_fc1_fgw_ref": ("mnist", "FCNet", {"n_layers": 1, "width": None, "batchnorm": False}, 64),
     "mnist_fc2": ("mnist", "FCNet", {"n_layers": 2, "width": None}, 64),
     "mnist_fc3": ("mnist", "FCNet", {"n_layers": 3, "width": None}, 64),
     "fashion_mnist_fc2": ("fashion_mnist", "FCNet", {"n_layers": 2}, 64),
