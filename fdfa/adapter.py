@@ -44,7 +44,7 @@ PROBE_BATCH = 2
 RTOL, ATOL = 1e-4, 1e-5  # the probe's tolerance: the same ops in the same order, in float32
 
 
-def _build(module, input_shape, num_classes):
+def _build(module, input_shape, num_classes, where="model."):
     """An nn.Module, or a class or partial (Hydra's ``_partial_: true``) called with
     ``input_shape`` and ``num_classes`` where its signature names them (``num_classes`` also
     where it takes ``**kwargs``, as torchvision's builders) and nothing binds them already."""
@@ -52,7 +52,7 @@ def _build(module, input_shape, num_classes):
         return module
     if not callable(module):
         raise ValueError(
-            f"model.module must be an nn.Module or a class that builds one, got {module!r}"
+            f"{where}module must be an nn.Module or a class that builds one, got {module!r}"
         )
     bound = getattr(module, "keywords", None) or {}
     try:
@@ -68,7 +68,7 @@ def _build(module, input_shape, num_classes):
     }
     built = module(**kwargs)
     if not isinstance(built, nn.Module):
-        raise ValueError(f"model.module built a {type(built).__name__}, not an nn.Module")
+        raise ValueError(f"{where}module built a {type(built).__name__}, not an nn.Module")
     return built
 
 
@@ -107,7 +107,7 @@ def _uncovered_parameters(module: nn.Module, parts) -> list[str]:
 
 
 @torch.no_grad()
-def check_probe(module: nn.Module, steps, input_shape) -> torch.Tensor:
+def check_probe(module: nn.Module, steps, input_shape, where: str = "model.") -> torch.Tensor:
     """Raise ValueError unless running ``steps`` ([(label, name, part)] in order) on a probe batch
     gives ``module``'s own output; compares each part's input with the one forward gives it.
     Returns the module's output on the probe batch."""
@@ -139,7 +139,7 @@ def check_probe(module: nn.Module, steps, input_shape) -> torch.Tensor:
             first = str(err).splitlines()[0] if str(err) else ""
             raise ValueError(
                 f"{cls}.forward fails on a probe batch of shape {tuple(x.shape)} "
-                f"({type(err).__name__}: {first}); give it inputs it takes (model.input_size "
+                f"({type(err).__name__}: {first}); give it inputs it takes ({where}input_size "
                 "resizes the images)"
             ) from None
         finally:
@@ -180,7 +180,7 @@ def check_probe(module: nn.Module, steps, input_shape) -> torch.Tensor:
         raise ValueError(f"{cls}.forward must give logits [batch, classes], not {type(expected)}")
     if not _same(h, expected):
         raise ValueError(
-            f"model.head: the parts in order end in another output than {cls}.forward "
+            f"{where}head: the parts in order end in another output than {cls}.forward "
             f"(shape {tuple(h.shape)}, forward {tuple(expected.shape)}); the head misses a part or "
             f"forward does more than call its parts (it calls {', '.join(order)})"
         )
@@ -191,30 +191,33 @@ class Wrapped(BlockNet):
     """A module's named parts as fdfa's ``blocks`` and ``head``; see the module docstring.
 
     ``num_classes`` None: taken from the module's output. ``input_size``: the data pipeline
-    resizes images to it (as for fdfa's own models); None keeps their size."""
+    resizes images to it (as for fdfa's own models); None keeps their size. ``where``: what the
+    messages put before an argument's name (the config's ``model.``; ``fdfa.wrap``: nothing)."""
 
-    def __init__(self, module, blocks, head, input_shape, num_classes=None, input_size=None):
+    def __init__(
+        self, module, blocks, head, input_shape, num_classes=None, input_size=None, where="model."
+    ):
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        module = _build(module, input_shape, num_classes)
+        module = _build(module, input_shape, num_classes, where)
         if isinstance(blocks, str) or not blocks:
-            raise ValueError(f"model.blocks must be a list of part names, got {blocks!r}")
-        block_names = [_names(e, f"model.blocks[{i}]") for i, e in enumerate(blocks)]
-        head_names = _names(head, "model.head")
-        seqs = [_sequence(module, n, f"model.blocks[{i}]") for i, n in enumerate(block_names)]
-        head_seq = _sequence(module, head_names, "model.head")
+            raise ValueError(f"{where}blocks must be a list of part names, got {blocks!r}")
+        block_names = [_names(e, f"{where}blocks[{i}]") for i, e in enumerate(blocks)]
+        head_names = _names(head, f"{where}head")
+        seqs = [_sequence(module, n, f"{where}blocks[{i}]") for i, n in enumerate(block_names)]
+        head_seq = _sequence(module, head_names, f"{where}head")
         left = _uncovered_parameters(module, [*seqs, head_seq])
         if left:
             raise ValueError(
                 f"{type(module).__name__}'s parameters {', '.join(left[:3])} belong to no part "
-                "of model.blocks or model.head: name the parts that hold them"
+                f"of {where}blocks or {where}head: name the parts that hold them"
             )
         steps = [
-            (f"model.blocks[{i}]", n, part)
+            (f"{where}blocks[{i}]", n, part)
             for i, (names, seq) in enumerate(zip(block_names, seqs))
             for n, part in zip(names, seq)
-        ] + [("model.head", n, part) for n, part in zip(head_names, head_seq)]
-        out = check_probe(module, steps, input_shape)
+        ] + [(f"{where}head", n, part) for n, part in zip(head_names, head_seq)]
+        out = check_probe(module, steps, input_shape, where)
         if num_classes is not None and out.shape[1] != num_classes:
             raise ValueError(
                 f"{type(module).__name__} gives {out.shape[1]} outputs per sample, the data has "

@@ -318,3 +318,17 @@ class AlignmentMetrics:
             out[f"feedback/{layer_names[layer]}/cos"] = cosine(flat([b]), flat([layer.weight]))
         out["align/mean_cos"] = torch.stack(cosines).mean()
         return out
+
+
+def alignment(rule, x: torch.Tensor, y: torch.Tensor, loss_fn=None, jacobian_metrics=True):
+    """The metrics the command line logs (``AlignmentMetrics.measure``: ``align/*``,
+    ``feedback/*``, ``estimator/*``) for the batch (x, y), as a dict of floats. Call it after
+    ``rule.step(x, y)`` (``.grad`` holds the rule's update) and before your optimizer steps, with
+    the step's ``loss_fn``; it changes neither ``.grad``, BatchNorm's buffers, torch's random
+    generators nor the rule's feedback. ``jacobian_metrics=False`` leaves out ``feedback/<l>/cos``
+    and ``estimator/<l>/jacobian_rel_mse`` of the direct-feedback rules (one reverse pass per
+    sample and class: the expensive part)."""
+    boolean()("jacobian_metrics", jacobian_metrics)
+    metrics = AlignmentMetrics(every_n_steps=None, jacobian_metrics=jacobian_metrics)
+    with rule.using_loss(loss_fn):
+        return metrics.measure(rule, x, y)

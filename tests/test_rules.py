@@ -104,7 +104,8 @@ def test_feedback_shapes_are_known_at_build_time():
     rule = DFA(model)
     assert [tuple(b.shape) for b in rule.feedback] == [(10, 15, 24, 24), (10, 40, 8, 8), (10, 128)]
     assert all(not b.requires_grad for b in rule.feedback)
-    assert set(k.split(".")[0] for k in rule.state_dict()) == {"model", "feedback"}
+    # rng: the state of the generator the rule draws from (fdfa.rules.base._save_own_state)
+    assert set(k.split(".")[0] for k in rule.state_dict()) == {"model", "feedback", "rng"}
 
 
 def test_dfa_feedback_is_fixed_kaiming_uniform():

@@ -1,12 +1,14 @@
 """The interface of a learning rule, and the direct-feedback machinery DFA, DKP and FDFA share.
 
 A rule wraps the model (so ``rule.to(device)`` and ``rule.state_dict()`` carry the model and the
-rule's own tensors together) and implements one method::
+rule's own state together: feedback tensors, the state of its feedback optimizer and of the random
+generator it draws from) and implements one method::
 
     train_step(x, y) -> StepOutput(loss, logits)
 
 which fills ``.grad`` of every model parameter for the batch and updates the rule's own state
-(feedback matrices). The trainer then calls the forward optimizer's ``step()``.
+(feedback matrices). The trainer then calls the forward optimizer's ``step()``. The public face
+of the same step, for a loop of your own (fdfa/api.py), is ``rule.step(x, y, loss_fn=None)``.
 
 The activity-perturbed rules (FDFA, FG-A) share the perturbed forward passes at the bottom of
 this file: ``dual_forward`` (one direction) and ``perturbed_forward`` (k directions stacked), one
@@ -44,6 +46,13 @@ class StepOutput(NamedTuple):
     logits: torch.Tensor  # detached [batch, num_classes]
 
 
+class StepResult(NamedTuple):
+    """What ``rule.step`` returns: ``out, loss = rule.step(x, y)``."""
+
+    out: torch.Tensor  # the model's output for x, detached [batch, num_classes]
+    loss: torch.Tensor  # the loss of that output, detached scalar
+
+
 class LearningRule(nn.Module):
     """Base class: holds the model as ``self.model``."""
 
@@ -55,6 +64,8 @@ class LearningRule(nn.Module):
         super().__init__()
         check_block_net(model)
         self.model = model
+        self.register_state_dict_post_hook(_save_own_state)
+        self.register_load_state_dict_pre_hook(_load_own_state)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y)
@@ -62,9 +73,91 @@ class LearningRule(nn.Module):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         raise NotImplementedError
 
+    def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> StepResult:
+        """One step of the rule on the batch (x, y): fills (accumulates into, as ``backward``
+        does) ``.grad`` of every model parameter with the rule's update and updates the rule's
+        own state (its feedback tensors take their step here); your optimizer then steps the
+        model. Returns ``(out, loss)``, both detached.
+
+        ``loss_fn(out, y)``: a scalar loss in place of the rules' mean cross-entropy (it must be
+        differentiable in ``out``; FG-W also differentiates it in forward mode). Under
+        ``torch.autocast`` the forward and the injected signals run in autocast's dtype, the
+        rule's own state (feedback, its optimizer, FG-W's estimate) in its own (float32)."""
+        with self.using_loss(loss_fn):
+            loss, out = self.train_step(x, y)
+        for p in self.own_parameters():  # consumed by the rule's own optimizer: never by yours
+            p.grad = None
+        return StepResult(out, loss)
+
+    @contextmanager
+    def using_loss(self, loss_fn):
+        """Within this block, ``self.loss`` is ``loss_fn`` (None: the rule's cross-entropy)."""
+        if loss_fn is None:
+            yield
+            return
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn must be a function of (out, y), got {loss_fn!r}")
+        object.__setattr__(self, "loss", loss_fn)  # an nn.Module loss too: not a submodule
+        try:
+            yield
+        finally:
+            del self.__dict__["loss"]
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        """The rule's own tensors that are nn.Parameters (feedback), not the model's."""
+        model = {id(p) for p in self.model.parameters()}
+        return [p for p in self.parameters() if id(p) not in model]
+
     def local_forward(self, x: torch.Tensor):
         """Forward with every block's input detached, so each block's graph is its own."""
         return local_forward(self.model, x)
+
+
+RNG = "rng."  # + the device type: the state of torch's generator there, in a rule's state_dict
+
+
+def _save_own_state(rule, state: dict, prefix: str, metadata) -> None:
+    """``state_dict()`` hook: besides the model and the feedback tensors, the state of each
+    optimizer the rule holds (``<name>.state.<i>.<key>``: Adam's, SGD's tensors) and of torch's
+    generator on the rule's device (``rng.<device type>``), which the random rules (FDFA, FG-W,
+    FG-A, brSF) and the model's dropout draw from. Tensors only, as every state_dict."""
+    for name, opt in rule_optimizers(rule).items():
+        for i, values in opt.state_dict()["state"].items():
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    state[f"{prefix}{name}.state.{i}.{key}"] = value
+    device = next(rule.model.parameters()).device
+    rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    state[f"{prefix}{RNG}{device.type}"] = rng
+
+
+def _load_own_state(rule, state: dict, prefix: str, *args) -> None:
+    """``load_state_dict()`` hook: takes ``_save_own_state``'s entries out and restores them (the
+    generator's when saved on the same kind of device). A state without them (last.ckpt of an
+    earlier fdfa, whose trainer saved the optimizers beside it) leaves them as they are."""
+    rngs = {k[len(prefix + RNG) :]: state.pop(k) for k in list(state) if k.startswith(prefix + RNG)}
+    if not rngs:
+        return
+    for name, opt in rule_optimizers(rule).items():
+        mark = f"{prefix}{name}.state."
+        saved: dict[int, dict] = {}
+        for key in [k for k in state if k.startswith(mark)]:
+            i, entry = key[len(mark) :].split(".", 1)
+            saved.setdefault(int(i), {})[entry] = state.pop(key).clone()  # never shared
+        opt.load_state_dict({"state": saved, "param_groups": opt.state_dict()["param_groups"]})
+    device = next(rule.model.parameters()).device
+    if device.type == "cuda" and "cuda" in rngs:
+        torch.cuda.set_rng_state(rngs["cuda"], device)
+    elif device.type in rngs:
+        torch.set_rng_state(rngs[device.type])
+
+
+@contextmanager
+def own_precision(device: torch.device):
+    """Autocast off on ``device``: a rule's update of its own state (feedback, FG-W's estimate)
+    runs in that state's dtype also when the step runs under ``torch.autocast``."""
+    with torch.autocast(device.type, enabled=False):
+        yield
 
 
 def rule_optimizers(rule: nn.Module) -> dict[str, torch.optim.Optimizer]:

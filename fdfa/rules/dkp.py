@@ -10,6 +10,7 @@ from fdfa.rules.base import (
     DirectFeedbackRule,
     FeedbackAdam,
     StepOutput,
+    own_precision,
 )
 
 
@@ -26,7 +27,8 @@ class DKP(DirectFeedbackRule):
         loss = self.loss(logits, y)
         e = self.inject_and_backward(hs, logits, loss)
         # The feedback used above is B before this step's update, as in the reference code.
-        for b, h in zip(self.feedback, hs):
-            b.grad = (e.t() @ h.detach().flatten(1)).view_as(b)
-        self.feedback_optimizer.update()
+        with own_precision(e.device):  # B's gradient in B's dtype, also under autocast
+            for b, h in zip(self.feedback, hs):
+                b.grad = (e.t().to(b.dtype) @ h.detach().flatten(1).to(b.dtype)).view_as(b)
+            self.feedback_optimizer.update()
         return StepOutput(loss.detach(), logits.detach())

@@ -29,6 +29,7 @@ from fdfa.rules.base import (
     StepOutput,
     draw_block_perturbations,
     dual_forward,
+    own_precision,
     perturbed_forward,
 )
 from fdfa.rules.perturbation import PERTURBATION
@@ -95,7 +96,8 @@ class FDFA(DirectFeedbackRule):
             t, us = t.flatten(0, 1), [u.flatten(0, 1) for u in us]
         loss = self.loss(logits, y)
         self.inject_and_backward(hs, logits, loss)
-        self.update_feedback(t.detach(), us)
+        with own_precision(x.device):  # B_l's update in B_l's dtype, also under autocast
+            self.update_feedback(t.detach().to(self.feedback[0].dtype), us)
         return StepOutput(loss.detach(), logits.detach())
 
     @torch.no_grad()

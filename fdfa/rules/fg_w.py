@@ -21,7 +21,13 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, jvp, vmap
 
 from fdfa.checks import check_arguments
-from fdfa.rules.base import N_DIRECTIONS, LearningRule, StepOutput, batch_statistics_only
+from fdfa.rules.base import (
+    N_DIRECTIONS,
+    LearningRule,
+    StepOutput,
+    batch_statistics_only,
+    own_precision,
+)
 from fdfa.rules.perturbation import PERTURBATION, draw
 
 
@@ -76,7 +82,9 @@ class FGW(LearningRule):
     def train_step(self, x, y) -> StepOutput:
         directions = self.draw_directions()
         loss, logits, d = self.directional_derivatives(x, y, directions)
-        for name, p in self.model.named_parameters():
-            estimate = (d @ directions[name].flatten(1)).div_(len(d)).view_as(p)  # mean_i d_i v_i
-            p.grad = estimate if p.grad is None else p.grad + estimate  # accumulates, as autograd
+        with own_precision(x.device):  # in the parameters' dtype, also under autocast
+            for name, p in self.model.named_parameters():
+                v = directions[name].flatten(1)
+                estimate = (d.to(v.dtype) @ v).div_(len(d)).view_as(p)  # mean_i d_i v_i
+                p.grad = estimate if p.grad is None else p.grad + estimate  # accumulates
         return StepOutput(loss.detach(), logits.detach())
