@@ -2,6 +2,7 @@
 rule, BP's .grad against loss.backward(), the same first step as the config path, state_dict
 round trips, metrics on the side, autocast, the Lightning example, and the import's weight."""
 
+import ast
 import copy
 import importlib.util
 import io
@@ -465,3 +466,11 @@ def test_the_lightning_example_trains_as_the_plain_loop():
     for key, value in plain.state_dict().items():
         if torch.is_tensor(value):
             assert torch.equal(ours[key], value), key
+
+
+def test_the_docs_page_shows_the_loop_that_the_tests_run():
+    """docs/own-loop.md's first code block is the documented loop (the same code, as ruff lays
+    it out), so the page a user copies from is the loop the tests above execute."""
+    page = (REPO / "docs" / "own-loop.md").read_text()
+    shown = page.split("```python\n", 1)[1].split("```", 1)[0]
+    assert ast.dump(ast.parse(shown)) == ast.dump(ast.parse(documented_loop()))

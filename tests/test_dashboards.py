@@ -189,7 +189,9 @@ def tensorboard(grid):
 @pytest.fixture(scope="module")
 def optuna_dashboard(study):
     port = free_port()
-    dashboard = Path(sys.executable).with_name("optuna-dashboard")  # pip's script, next to python
+    # pip's script, next to python (or on PATH: a venv that takes it from the system's packages)
+    dashboard = Path(sys.executable).with_name("optuna-dashboard")
+    dashboard = dashboard if dashboard.exists() else shutil.which("optuna-dashboard")
     cmd = [str(dashboard), f"sqlite:///{study / 'optuna.db'}",
            "--host", "127.0.0.1", "--port", str(port), "--quiet"]  # fmt: skip
     ready = lambda studies: bool(studies["study_summaries"])  # noqa: E731

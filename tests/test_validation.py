@@ -36,7 +36,7 @@ def test_cli_bad_values(tmp_path, override, expected):
 def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):
     res = run_cli(["algorithm=bpp", f"hydra.run.dir={tmp_path}"])
     line = one_error_line(res)
-    assert "unknown algorithm 'bpp': choose one of bp, dfa, dkp, fdfa" in line
+    assert "unknown algorithm 'bpp': choose one of bp, brsf, dfa, dkp, drtp, fa, fdfa" in line
 
 
 @pytest.mark.slow
