@@ -40,7 +40,9 @@ def job_of(run_config: dict) -> dict:
 
 class TrialReporter:
     """A trainer callback: reports ``record[objective]`` at each epoch to an Optuna trial, keeps
-    the best value seen (the trial's result), and prunes the job when the pruner says so."""
+    the best value seen (the job's result), and prunes the job when the pruner says so. With
+    ``trial=None`` (a trial's later seeds, ``hydra.sweeper.seeds_per_trial`` > 1) it only keeps
+    the values: the pruner decides on a trial's first seed, whose epochs every trial reports."""
 
     def __init__(self, trial, objective: str = "val/acc", direction: str = "maximize"):
         if direction not in ("maximize", "minimize"):
@@ -66,7 +68,7 @@ class TrialReporter:
             )
         value = float(record[self.objective])
         self.values.append(value)
-        if not math.isfinite(value):
+        if not math.isfinite(value) or self.trial is None:
             return  # nothing to report; the trial fails when the job ends with a non-finite value
         self.trial.report(value, step=record["epoch"])
         if self.trial.should_prune():

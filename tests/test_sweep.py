@@ -163,6 +163,8 @@ def test_every_sweep_file_composes_and_parses():
         )
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
+        if name == "benchmark":
+            continue  # its spaces: test_benchmark_spaces_are_the_sweep_files
         params = OmegaConf.to_container(cfg.hydra.sweeper.params)
         assert params, name
         if name == "compare":
@@ -359,6 +361,37 @@ def test_confirmation_reruns_the_best_params_with_seeds_and_a_rerun_resumes(tmp_
     ] == pytest.approx(values[1])
     assert len(load(tmp_path).trials) == 2
     assert "confirmation run, seed 1" not in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_seeds_per_trial_gives_each_trial_the_mean_of_its_seeds(tmp_path):
+    """hydra.sweeper.seeds_per_trial=2: each trial trains seeds 0 and 1 (in <trial>/seed<s>),
+    its value is the mean of their best val acc (their summaries'), the spread is on the trial
+    and in the results file, and confirmation takes the next seed (2), which no trial used."""
+    cmd = ["hydra.sweeper.n_trials=2", "hydra.sweeper.seeds_per_trial=2"]
+    res = sweep_cli(tmp_path, *cmd, "hydra.sweeper.confirm_seeds=1", "hydra/sweeper/pruner=none")
+    assert res.returncode == 0, res.stdout + res.stderr
+    study = load(tmp_path)
+    assert len(study.trials) == 2
+    for trial in study.trials:
+        values = {}
+        for seed in (0, 1):
+            job = tmp_path / str(trial.number) / f"seed{seed}"
+            config = OmegaConf.load(job / ".hydra" / "config.yaml")
+            assert (config.seed, config.sweep_job.number) == (seed, trial.number)
+            assert config.optimizer.lr == pytest.approx(trial.params["optimizer.lr"])
+            values[seed] = json.loads((job / "summary.json").read_text())["best/val/acc"]
+        assert trial.value == pytest.approx((values[0] + values[1]) / 2, abs=1e-12)
+        assert trial.user_attrs["seed_values"] == {"0": values[0], "1": values[1]}
+        assert trial.user_attrs["seed_std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    results = OmegaConf.to_container(OmegaConf.load(tmp_path / "optimization_results.yaml"))
+    assert results["seeds_per_trial"] == 2 and results["trial_seeds"] == [0, 1]
+    best = study.best_trial
+    assert results["best_seed_values"] == {
+        int(k): v for k, v in best.user_attrs["seed_values"].items()
+    }
+    assert results["confirm"]["seeds"] == [2] and results["confirm"]["trial_seeds"] == [0, 1]
+    assert (tmp_path / "confirm" / "seed2" / "summary.json").is_file()
 
 
 def records(run_dir: Path) -> tuple:

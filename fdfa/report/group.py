@@ -52,9 +52,11 @@ def _describe(config: dict, keys, strip: str = "") -> str:
     return ", ".join(f"{k.removeprefix(strip)}={fmt_value(config[k])}" for k in shown)
 
 
-def group_rows(runs: list[RunData]) -> list[Row]:
+def group_rows(runs: list[RunData], tuned_keys=frozenset()) -> list[Row]:
     """One Row per (dataset, model, algorithm) and config variant, in table order: the labels
-    show the relevant keys whose values differ between runs of the same dataset and model."""
+    show the relevant keys whose values differ between runs of the same dataset and model.
+    ``tuned_keys``: keys each rule's own search chose (a benchmark's): shown in their own column,
+    not in labels."""
     by_model, by_algorithm = {}, {}
     for run in runs:
         if run.config is not None:
@@ -67,11 +69,13 @@ def group_rows(runs: list[RunData]) -> list[Row]:
         variant = ""
         if run.config is not None:
             config = run.relevant
-            model_wide = _differing_keys(by_model[dataset, model])
+            model_wide = _differing_keys(by_model[dataset, model]) - set(tuned_keys)
             model_keys = {k for k in model_wide if k.startswith("model.")}
             other_keys = {k for k in model_wide if not k.startswith(("model.", "algorithm."))}
             algo_keys = {
-                k for k in _differing_keys(by_algorithm[run.names]) if k.startswith("algorithm.")
+                k
+                for k in _differing_keys(by_algorithm[run.names]) - set(tuned_keys)
+                if k.startswith("algorithm.")
             }
             if model_keys:
                 model += f" ({_describe(config, model_keys, 'model.')})"

@@ -12,6 +12,7 @@ from fdfa.report.plots import make_plots
 from fdfa.report.rundata import RunData
 from fdfa.report.stats import row_stats
 from fdfa.report.tables import NOTES, skip_summary, unpaired_notes, write_csv, write_results_md
+from fdfa.report.values import fmt_value
 
 
 @dataclass
@@ -22,8 +23,12 @@ class Report:
     notes: list[str]
 
 
-def make_report(dirs, out: str | Path) -> Report:
-    """Read every run under dirs and write results.md, results.csv and the PNGs into out."""
+def make_report(dirs, out: str | Path, tuned: dict | None = None) -> Report:
+    """Read every run under dirs and write results.md, results.csv and the PNGs into out.
+    ``tuned`` (a benchmark's): {dir: {"params": {key: value}, "trials": text}}: the runs under
+    each dir ran with params a search chose for their rule; their row shows them and the trials
+    it took, and those keys are the rule's own options (they neither split rows nor keep a rule
+    from its pairing with BP)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FdfaError(f"--out {out} is a file; give a directory (it is created if missing)")
@@ -38,9 +43,18 @@ def make_report(dirs, out: str | Path) -> Report:
             "pass the sweep or run dirs that hold summary.json and metrics.jsonl"
         )
     notes = run_notes(runs, skipped)
-    rows = group_rows(runs)
+    tuned = {Path(d).resolve(): info for d, info in (tuned or {}).items()}
+    tuned_keys = {k for info in tuned.values() for k in info["params"]}
+    rows = group_rows(runs, tuned_keys)
     out.mkdir(parents=True, exist_ok=True)
-    stats = [row_stats(row, rows) for row in rows]
+    stats = [row_stats(row, rows, tuned_keys) for row in rows]
+    if tuned:
+        for row, s in zip(rows, stats):
+            where = row.runs[0].path.resolve().parents
+            info = next((i for d, i in tuned.items() if d in where), {})
+            params = info.get("params", {})
+            s["chosen_params"] = " ".join(f"{k}={fmt_value(v)}" for k, v in params.items())
+            s["trials"] = info.get("trials", "")
     notes += unpaired_notes(stats)
     write_csv(stats, out / "results.csv")
     plots, skipped_plots = make_plots(rows, out)

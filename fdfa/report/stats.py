@@ -28,16 +28,19 @@ def own_options(algorithm: str) -> set[str]:
     return keys
 
 
-def setting_differences(run: RunData, base: RunData) -> list[str]:
+def setting_differences(run: RunData, base: RunData, tuned_keys=frozenset()) -> list[str]:
     """The relevant keys in which two runs differ, except the rules' own options (algorithm.*,
-    own_options): runs without any are the same experiment with another rule."""
-    own = own_options(run.names[2]) | own_options(base.names[2])
+    own_options, and ``tuned_keys``: what each rule's own search chose): runs without any are the
+    same experiment with another rule."""
+    own = own_options(run.names[2]) | own_options(base.names[2]) | set(tuned_keys)
     a, b = run.relevant, base.relevant
     keys = {k for k in set(a) | set(b) if not k.startswith("algorithm.") and k not in own}
     return sorted(k for k in keys if repr(a.get(k, "<unset>")) != repr(b.get(k, "<unset>")))
 
 
-def baseline_row(row: Row, rows: list[Row]) -> tuple[Row | None, str | None]:
+def baseline_row(
+    row: Row, rows: list[Row], tuned_keys=frozenset()
+) -> tuple[Row | None, str | None]:
     """The BP row to pair ``row`` with: same dataset and model names, and settings that agree in
     all but the rule and its own options (setting_differences); else None and why not."""
     name = row.runs[0].names[2]
@@ -48,7 +51,7 @@ def baseline_row(row: Row, rows: list[Row]) -> tuple[Row | None, str | None]:
         return None, f"no BP run of {row.dataset} / {row.runs[0].names[1]}"
     if row.runs[0].config is None or any(r.runs[0].config is None for r in bp):
         return None, "a run without .hydra/config.yaml: its settings cannot be checked against BP's"
-    diffs = {id(r): setting_differences(row.runs[0], r.runs[0]) for r in bp}
+    diffs = {id(r): setting_differences(row.runs[0], r.runs[0], tuned_keys) for r in bp}
     same = [r for r in bp if not diffs[id(r)]]
     if len(same) == 1:
         return same[0], None
@@ -65,14 +68,14 @@ def baseline_row(row: Row, rows: list[Row]) -> tuple[Row | None, str | None]:
     )
 
 
-def row_stats(row: Row, rows: list[Row] = ()) -> dict:
+def row_stats(row: Row, rows: list[Row] = (), tuned_keys=frozenset()) -> dict:
     """The numbers of one table row (accuracies as fractions, as in summary.json)."""
     selected_mean, selected_ci = mean_ci([r.selected_acc() for r in row.runs])
     final_mean, final_ci = mean_ci([r.final_acc() for r in row.runs])
     vals = [v for r in row.runs if (v := r.selection()["best/val/acc"]) is not None]
     diff_mean = diff_ci = None
     pairs = 0
-    base, unpaired = baseline_row(row, list(rows))
+    base, unpaired = baseline_row(row, list(rows), tuned_keys)
     if base is not None:
         mine, theirs = _by_seed(row), _by_seed(base)
         diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs), key=str)]

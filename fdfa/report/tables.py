@@ -39,20 +39,25 @@ def markdown_table(stats: list[dict]) -> str:
     keys = ["dataset", "model", "algorithm"] + (
         ["variant"] if any(s["variant"] for s in stats) else []
     )
-    head = keys + TABLE_COLUMNS
+    tuned = ["chosen_params", "trials"] if any("chosen_params" in s for s in stats) else []
+    head = keys + [k.replace("_", " ") for k in tuned] + TABLE_COLUMNS
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in stats:
         diff = _pct(s["diff_to_bp_mean"], s["diff_to_bp_ci95"], signed=True)
-        cells = [s[k] for k in keys] + [
-            s["seeds"],
-            _pct(s["selected_test_acc_mean"], s["selected_test_acc_ci95"]),
-            diff if s["diff_to_bp_pairs"] else "—",
-            _pct(s["best_val_acc_mean"]),
-            _pct(s["final_test_acc_mean"], s["final_test_acc_ci95"]),
-            s["epochs"],
-            "—" if s["time_per_epoch_s"] is None else f"{s['time_per_epoch_s']:.3g}",
-            "—" if s["align_mean_cos"] is None else f"{s['align_mean_cos']:.3f}",
-        ]
+        cells = (
+            [s[k] for k in keys]
+            + [s[k] or "—" for k in tuned]
+            + [
+                s["seeds"],
+                _pct(s["selected_test_acc_mean"], s["selected_test_acc_ci95"]),
+                diff if s["diff_to_bp_pairs"] else "—",
+                _pct(s["best_val_acc_mean"]),
+                _pct(s["final_test_acc_mean"], s["final_test_acc_ci95"]),
+                s["epochs"],
+                "—" if s["time_per_epoch_s"] is None else f"{s['time_per_epoch_s']:.3g}",
+                "—" if s["align_mean_cos"] is None else f"{s['align_mean_cos']:.3f}",
+            ]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

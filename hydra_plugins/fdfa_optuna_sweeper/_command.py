@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -21,8 +22,9 @@ from optuna.trial import TrialState
 from fdfa.errors import FdfaError, find_fdfa_error
 from fdfa.gpus import assign_gpu
 
+from ._benchmark import flat_params, read_benchmark, rule_arguments, write_report
 from ._jobs import JobRunner, job_result, link_overrides
-from ._launch import WorkerTask, resolve_n_jobs, start_processes, worker_jobs
+from ._launch import WorkerTask, fixed_arguments, resolve_n_jobs, start_processes, worker_jobs
 from ._liveness import Preempted, abandoned, fail_abandoned, machine_id
 from ._loop import Worker
 from ._plan import Options, Plan
@@ -43,30 +45,56 @@ class SweepCommand:
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        plan = self._plan(arguments)
-        claim_sweep_dir(plan.sweep_dir, plan.study_name, plan.url)  # or refuse: another study's
-        study, _, lock = open_study(plan.url, plan.study_name, self.options.direction)
-        with lock():  # before any trial: a rerun with other settings must not join the study
-            check_settings(study, plan.settings)
-        OmegaConf.save(self.config, plan.sweep_dir / "multirun.yaml")
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        study_name = self.options.study_name or sweep_dir.name
+        url = self.options.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+        bench = read_benchmark(self.config)
+        if bench is None:
+            plans = [self._plan(self.options.params, arguments, sweep_dir, study_name, url)]
+        else:  # one study per rule, in <sweep dir>/<rule>/ (_benchmark.py)
+            self.options = replace(self.options, n_trials=bench.trials, confirm_seeds=bench.seeds)
+            claim_sweep_dir(sweep_dir, study_name, url)
+            plans = []
+            for rule in bench.rules:
+                rule_dir = sweep_dir / rule
+                rule_args = rule_arguments(bench, rule, arguments, rule_dir)
+                params = flat_params(bench.spaces[rule].get("params"))
+                plan = self._plan(params, rule_args, rule_dir, f"{study_name}-{rule}", url)
+                plans.append(replace(plan, label=rule))
+        for plan in plans:
+            claim_sweep_dir(plan.sweep_dir, plan.study_name, plan.url)  # or refuse
+            study, _, lock = open_study(plan.url, plan.study_name, self.options.direction)
+            with lock():  # before any trial: a rerun with other settings must not join the study
+                check_settings(study, plan.settings)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         if isinstance(self.launcher, BasicLauncher):  # trials run in this command's processes
             n_jobs = resolve_n_jobs(self.options.n_jobs)
             assign_gpu(0)  # worker 0; the others get theirs from start_processes
-            children = start_processes(plan, n_jobs) if n_jobs > 1 else []
+            children = []
+            if n_jobs > 1:
+                children = start_processes(sweep_dir, url, study_name, plans[0].seed, n_jobs)
             runner = JobRunner(self.hydra_context, self.config, self.task_function)
-            Worker(self.options, plan, runner, 0, n_jobs).work(self.config, children)
+            Worker(self.options, plans, runner, 0, n_jobs).work(self.config, children)
         else:
-            self._drive_launcher(plan)
-        for line in closing_lines(plan.sweep_dir):
+            self._drive_launcher(plans, sweep_dir, arguments)
+        if bench is None:
+            lines = closing_lines(sweep_dir)
+        else:
+            studies = [open_study(p.url, p.study_name, self.options.direction)[0] for p in plans]
+            report = write_report(sweep_dir, plans, studies, bench.seeds)
+            lines = [f"results: {sweep_dir}/<rule>/optimization_results.yaml"]
+            if report is None:
+                lines.append("report: not yet (confirmation runs missing): rerun the command")
+            else:
+                lines.append(f"report: {report / 'results.md'} (results.csv, plots)")
+        for line in lines:
             print(line, flush=True)
 
-    def _plan(self, arguments: list[str]) -> Plan:
+    def _plan(self, params: dict, arguments: list[str], sweep_dir, study_name, url) -> Plan:
         """The search space, checked by composing the trials' configs now (not mid-sweep), the
         settings they share, and where the study lives."""
         loader = self.hydra_context.config_loader
-        space, fixed = search_space(loader, self.options.params, arguments)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        study_name = self.options.study_name or sweep_dir.name
+        space, fixed = search_space(loader, params, arguments)
         trial_seed = settings = None
         for point in probe_points(space):
             overrides = job_overrides(fixed, point, *link_overrides("trial", study_name, 0))
@@ -80,20 +108,22 @@ class SweepCommand:
             trial_seed = job_config.seed
             if settings is None:  # from the first point: the same for every rerun
                 settings = shared_settings(job_config, list(space))
-        if self.options.confirm_seeds and "seed" in space:
+        if (self.options.confirm_seeds or self.options.seeds_per_trial > 1) and "seed" in space:
             raise FdfaError(
-                "hydra.sweeper.confirm_seeds needs trials at one seed, but the sweep searches "
-                "seed: drop seed from the params, or set hydra.sweeper.confirm_seeds=0"
+                "hydra.sweeper.confirm_seeds and seeds_per_trial need the trials' seeds fixed, "
+                "but the sweep searches seed: drop seed from the params, or set "
+                "hydra.sweeper.confirm_seeds=0 and hydra.sweeper.seeds_per_trial=1"
             )
         return Plan(
             space=space,
             fixed=fixed,
             sweep_dir=sweep_dir,
             study_name=study_name,
-            url=self.options.storage or f"sqlite:///{sweep_dir / 'optuna.db'}",
+            url=url,
             seed=self.options.sampler.get("seed"),
             trial_seed=trial_seed,
             settings=settings,
+            seeds_per_trial=self.options.seeds_per_trial,
         )
 
     def _check_selection(self, job_config: DictConfig) -> None:
@@ -113,27 +143,27 @@ class SweepCommand:
                 "the test set knowingly with hydra.sweeper.objective=test/acc"
             )
 
-    def _drive_launcher(self, plan: Plan) -> None:
+    def _drive_launcher(self, plans: list[Plan], sweep_dir: Path, arguments: list[str]) -> None:
         """Submit n_jobs worker jobs through the configured launcher, wait, and report."""
         options = self.options
         n_jobs = resolve_n_jobs(options.n_jobs)
-        study, _, lock = open_study(plan.url, plan.study_name, options.direction)
-        task = WorkerTask(options, plan, self.config, self.hydra_context, self.task_function)
+        task = WorkerTask(options, plans, self.config, self.hydra_context, self.task_function)
         self.launcher.setup(
             hydra_context=self.hydra_context, task_function=task, config=self.config
         )
         log.info(
-            "study %r in %s: %d trials on %d workers, each a %s job (logs: %s/workers/)",
-            plan.study_name,
-            printable_url(plan.url),
+            "%s in %s: %d trials each on %d workers, each a %s job (logs: %s/workers/)",
+            ", ".join(repr(p.study_name) for p in plans),
+            printable_url(plans[0].url),
             options.n_trials,
             n_jobs,
             type(self.launcher).__name__,
-            plan.sweep_dir,
+            sweep_dir,
         )
         errors, user_errors = [], []
         try:
-            returns = self.launcher.launch(worker_jobs(plan, n_jobs), initial_job_idx=0)
+            jobs = worker_jobs(fixed_arguments(arguments), sweep_dir, n_jobs)
+            returns = self.launcher.launch(jobs, initial_job_idx=0)
         except Exception as err:  # e.g. submitit: a worker job was killed
             errors.append(one_line(err))
             returns = []
@@ -144,16 +174,22 @@ class SweepCommand:
                 errors.append(one_line(user_error or result))
                 if user_error is not None and not isinstance(user_error, Preempted):
                     user_errors.append(user_error)
-        self._wait_for_running(study, lock)
-        write_results(study, plan.sweep_dir, plan.url, options, self.config)
+        short = []  # (study name, finished trials) of the studies short of n_trials
+        for plan in plans:
+            study, _, lock = open_study(plan.url, plan.study_name, options.direction)
+            self._wait_for_running(study, lock)
+            write_results(study, plan, options, self.config)
+            trials = study.get_trials(deepcopy=False)
+            gone = abandoned(trials)  # failed and queued again: their redos take their places
+            done = sum(1 for t in trials if t.state.is_finished() and t.number not in gone)
+            if done < options.n_trials:
+                short.append((plan.study_name, done))
         if user_errors:
             raise user_errors[0]
-        trials = study.get_trials(deepcopy=False)
-        gone = abandoned(trials)  # failed and queued again: their redos take their places
-        done = sum(1 for t in trials if t.state.is_finished() and t.number not in gone)
-        if errors and done < options.n_trials:
+        if errors and short:
+            name, done = short[0]
             raise FdfaError(
-                f"{len(errors)} worker job(s) failed ({errors[0]}); study {plan.study_name!r} has "
+                f"{len(errors)} worker job(s) failed ({errors[0]}); study {name!r} has "
                 f"{done} of {options.n_trials} trials: run the same command again to resume"
             )
         for error in errors:

@@ -1,15 +1,22 @@
 """Confirmation runs: once a study is complete, its best trial's params again on seeds no trial
 used, so that the reported test accuracy does not carry the luck that made the trial win.
 
-The trials run at the config's ``seed`` s; confirmation run i (1..confirm_seeds) uses seed s + i,
-in ``<sweep dir>/confirm/seed<s+i>/``, and the results file names the trial seed and the seeds.
-``confirm/trial.yaml`` records the trial, its params and s: confirmation runs made for another
-best trial (the study grew since) or another trial seed are moved aside before new ones run. A
-rerun runs only the seeds still missing. Each run is a ``sweep_job.kind=confirm`` job.
+The trials run at seeds s..s+k-1 (s: the config's ``seed``, k: ``seeds_per_trial``, 1 unless
+set); confirmation runs use the next N seeds, s+k..s+k+N-1, in ``<sweep dir>/confirm/seed<seed>/``,
+and the results file names the trial seeds and the confirmation seeds. ``confirm/trial.yaml``
+records the trial, its params and s (and k when above 1): confirmation runs made for another best
+trial (the study grew since) or other trial seeds are moved aside before new ones run. A rerun runs
+only the seeds still missing. Each run is a ``sweep_job.kind=confirm`` job.
+
+Workers share the seeds: a worker takes a seed by holding an exclusive lock on
+``confirm/.seed<seed>.lock`` while it runs (the system lets go of it when the worker dies), so two
+workers never run the same seed, and a seed whose worker died is free for the next one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import time
@@ -28,43 +35,83 @@ from ._space import job_overrides, one_line
 log = logging.getLogger(__name__)
 
 
-def confirm_seeds(trial_seed: int, n: int) -> list[int]:
-    """The confirmation seeds: the trials' seed + 1..n, seeds no trial used."""
-    return [trial_seed + i for i in range(1, n + 1)]
-
-
-def run_confirmation(study: optuna.Study, plan, n: int, runner, signals) -> None:
-    """Run the best trial's params on each of the ``n`` confirmation seeds that has no finished
-    run yet, with ``runner`` (a _jobs.JobRunner); ``signals`` (the worker's WorkerSignals) stop
-    it between runs or inside one."""
+def chosen_trial(study: optuna.Study, plan) -> optuna.trial.FrozenTrial | None:
+    """The best trial, with confirm/trial.yaml written for it (an older one's runs moved aside);
+    None when no trial completed. Call under the study's lock."""
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        log.warning("no trial completed: no confirmation runs")
-        return
+        return None
     best = study.best_trial
     confirm_dir = plan.sweep_dir / "confirm"
     chosen = {"trial": best.number, "params": best.params, "trial_seed": plan.trial_seed}
+    if plan.seeds_per_trial != 1:  # runs of fdfa before seeds_per_trial keep their marker valid
+        chosen["seeds_per_trial"] = plan.seeds_per_trial
     marker = confirm_dir / "trial.yaml"
     if marker.is_file() and OmegaConf.to_container(OmegaConf.load(marker)) != chosen:
         stale = confirm_dir.with_name(f"confirm.old-{time.strftime('%Y%m%d-%H%M%S')}")
         confirm_dir.rename(stale)
         log.warning("best trial changed: earlier confirmation runs moved to %s", stale)
-    confirm_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(marker, OmegaConf.to_yaml(chosen))
-    for seed in confirm_seeds(plan.trial_seed, n):
-        if confirmed_value(confirm_dir / f"seed{seed}") is not None:
-            continue
-        signals.stop_if_told()
-        link = link_overrides("confirm", plan.study_name)
-        overrides = job_overrides(
-            plan.fixed, best.params, f"seed={seed}", f"hydra.sweep.subdir=confirm/seed{seed}", *link
-        )
-        log.info("confirmation run, seed %d, of trial %d's params", seed, best.number)
+    if not marker.is_file():
+        confirm_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, OmegaConf.to_yaml(chosen))
+    return best
+
+
+@contextlib.contextmanager
+def claimed(path: Path):
+    """True while this process holds ``path``'s exclusive lock; False when another one does."""
+    with path.open("a") as f:
         try:
-            with signals.job():
-                ret = runner.run(overrides, seed)
-            ret.return_value  # noqa: B018  (raises the job's error)
-        except Exception as err:
-            log.warning("confirmation run seed %d failed: %s", seed, one_line(err))
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def confirm_one(study, plan, n: int, runner, signals, lock, skip: set) -> bool:
+    """Run one of the ``n`` confirmation seeds that has no finished run and no worker (with
+    ``runner``, a _jobs.JobRunner; ``signals``: the worker's WorkerSignals); False when none is
+    left to take. ``skip``: (study, seed) pairs whose run failed in this worker (not retried)."""
+    with lock():
+        best = chosen_trial(study, plan)
+    if best is None:
+        return False
+    confirm_dir = plan.sweep_dir / "confirm"
+    seeds = plan.confirm_seeds(n)
+    for seed in seeds:
+        run_dir = confirm_dir / f"seed{seed}"
+        if (plan.study_name, seed) in skip or confirmed_value(run_dir) is not None:
+            continue
+        with claimed(confirm_dir / f".seed{seed}.lock") as mine:
+            if not mine or confirmed_value(run_dir) is not None:
+                continue
+            signals.stop_if_told()
+            link = link_overrides("confirm", plan.study_name)
+            subdir = f"hydra.sweep.subdir=confirm/seed{seed}"
+            overrides = job_overrides(plan.fixed, best.params, f"seed={seed}", subdir, *link)
+            log.info("confirmation run, seed %d, of trial %d's params", seed, best.number)
+            try:
+                with signals.job():
+                    ret = runner.run(overrides, seed)
+                ret.return_value  # noqa: B018  (raises the job's error)
+            except Exception as err:
+                skip.add((plan.study_name, seed))
+                log.warning("confirmation run seed %d failed: %s", seed, one_line(err))
+                return True
+            left = sum(confirmed_value(confirm_dir / f"seed{s}") is None for s in seeds)
+            value = confirmed_value(run_dir)
+            log.info(
+                "%sseed %d done: selected/test/acc %s (%d seed run(s) left)",
+                f"[{plan.label}] " if plan.label else "",
+                seed,
+                "?" if value is None else f"{value:.4f}",
+                left,
+            )
+            return True
+    return False
 
 
 def confirmation_results(sweep_dir: Path, n: int) -> dict | None:
@@ -75,14 +122,16 @@ def confirmation_results(sweep_dir: Path, n: int) -> dict | None:
     chosen = OmegaConf.to_container(OmegaConf.load(marker))
     if chosen.get("trial_seed") is None:  # an older fdfa's runs (seeds 0..N-1): redone
         return None
-    seeds = confirm_seeds(chosen["trial_seed"], n)
+    per_trial = chosen.get("seeds_per_trial", 1)
+    seeds = [chosen["trial_seed"] + per_trial + i for i in range(n)]
     values = {s: confirmed_value(sweep_dir / "confirm" / f"seed{s}") for s in seeds}
     done = [v for v in values.values() if v is not None]
     section = {
         "trial": chosen["trial"],
         "params": chosen["params"],
-        "trial_seed": chosen["trial_seed"],  # the seed every trial ran at
-        "seeds": seeds,  # the confirmation runs' seeds: trial_seed + 1..confirm_seeds
+        "trial_seed": chosen["trial_seed"],  # s: every trial ran at seeds s..s+k-1
+        "trial_seeds": [chosen["trial_seed"] + j for j in range(per_trial)],
+        "seeds": seeds,  # the confirmation runs' seeds: the N after the trials', s+k..s+k+N-1
         "selected_test_acc": values,  # per seed: test acc at its best-val epoch
         "missing_seeds": [s for s, v in values.items() if v is None],
     }

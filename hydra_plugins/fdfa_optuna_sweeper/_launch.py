@@ -40,39 +40,54 @@ def resolve_n_jobs(n_jobs) -> int:
     return n_jobs
 
 
-def start_processes(plan: Plan, n_jobs: int) -> list:
-    """Start workers 1..n_jobs-1: this command again on the same study, each on its GPU.
-    Returns [(Popen, log path)]."""
+def start_processes(sweep_dir, url: str, study_name: str, seed, n_jobs: int) -> list:
+    """Start workers 1..n_jobs-1: this command again on the same study (or studies: a
+    benchmark's), each on its GPU; ``seed``: the sampler seed as given. Returns [(Popen, log
+    path)]."""
     args = [a for a in sys.argv[1:] if a.lstrip("+~").split("=", 1)[0] not in WORKER_KEYS]
     gpus = machine_gpus()
     procs = []
     for i in range(1, n_jobs):
         extra = [
-            f"hydra.sweep.dir={quote(str(plan.sweep_dir))}",
-            f"hydra.sweeper.storage={quote(plan.url)}",
-            f"hydra.sweeper.study_name={quote(plan.study_name)}",
+            f"hydra.sweep.dir={quote(str(sweep_dir))}",
+            f"hydra.sweeper.storage={quote(url)}",
+            f"hydra.sweeper.study_name={quote(study_name)}",
             "hydra.sweeper.n_jobs=1",
         ]
-        if plan.seed is not None:
-            extra.append(f"hydra.sweeper.sampler.seed={plan.seed + i}")
+        if seed is not None:
+            extra.append(f"hydra.sweeper.sampler.seed={seed + i}")
         env = dict(os.environ)
         if gpus:  # the worker's only GPU, also as the machine's GPUs it may choose from
             env["CUDA_VISIBLE_DEVICES"] = env[GPUS_ENV] = gpus[i % len(gpus)]
-        path = plan.sweep_dir / f"worker-{i}.log"
+        path = sweep_dir / f"worker-{i}.log"
         with path.open("ab") as out:
             cmd = [sys.executable, sys.argv[0], *args, *extra]
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
             procs.append((proc, path))
-    log.info("started %d more workers; their logs: %s/worker-*.log", len(procs), plan.sweep_dir)
+    log.info("started %d more workers; their logs: %s/worker-*.log", len(procs), sweep_dir)
     return procs
 
 
-def worker_jobs(plan: Plan, n_jobs: int) -> list[list[str]]:
+def fixed_arguments(arguments: list[str]) -> list[str]:
+    """The command line's overrides that are not searched (a worker job composes with them)."""
+    return [a for a in arguments if not _is_search(a)]
+
+
+def _is_search(argument: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(argument).is_sweep_override()
+    except Exception:
+        return False
+
+
+def worker_jobs(fixed: list[str], sweep_dir, n_jobs: int) -> list[list[str]]:
     """The overrides of the launcher jobs that run the workers: job i in <sweep dir>/workers/i,
     with the command line's fixed overrides (``sweep=...`` among them: the job's config must
     compose with the same hydra.sweeper keys as the command's)."""
-    where = f"hydra.sweep.dir={quote(str(plan.sweep_dir))}"
-    return [[*plan.fixed, where, f"hydra.sweep.subdir=workers/{i}"] for i in range(n_jobs)]
+    where = f"hydra.sweep.dir={quote(str(sweep_dir))}"
+    return [[*fixed, where, f"hydra.sweep.subdir=workers/{i}"] for i in range(n_jobs)]
 
 
 class WorkerTask:
@@ -80,8 +95,8 @@ class WorkerTask:
     submitit): runs the worker loop in the job's process, each trial in-process through Hydra's
     basic launcher with the app's own task function."""
 
-    def __init__(self, options: Options, plan: Plan, config, hydra_context, task_function):
-        self.options, self.plan = options, plan
+    def __init__(self, options: Options, plans: list[Plan], config, hydra_context, task_function):
+        self.options, self.plans = options, plans
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def __call__(self, cfg) -> None:
@@ -89,4 +104,4 @@ class WorkerTask:
         if launcher_is_local(self.config.hydra.launcher.get("_target_")):
             assign_gpu(index)  # SLURM gives each job its GPUs itself
         runner = JobRunner(self.hydra_context, self.config, self.task_function)
-        Worker(self.options, self.plan, runner, index).work(self.config)
+        Worker(self.options, self.plans, runner, index).work(self.config)

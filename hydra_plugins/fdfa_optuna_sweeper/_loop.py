@@ -1,7 +1,11 @@
-"""One worker of a study: it asks the study for a trial, runs that trial's job in this process
-(_jobs.py), tells the study how it ended, and repeats until the study holds ``n_trials``
-finished trials; then (one worker, under the lock) the confirmation runs, then the results.
+"""One worker of one or more studies (a benchmark: one per rule, _benchmark.py): it asks a study
+for a trial, runs that trial's job(s) in this process (_jobs.py), tells the study how it ended,
+and repeats until every study holds ``n_trials`` finished trials. A worker with no trial left to
+start takes a confirmation seed of a study whose trials have all finished (_confirm.py); with
+neither, it waits for the running trials, then writes the results.
 
+- the next trial comes from the study with the fewest trials taken, so the workers spread over
+  the studies and none idles while a study still has trials to start;
 - the steps that decide whether another trial may start run under the study's lock
   (_storage.py), so ``n_trials`` is exact however many workers start at once;
 - a trial whose worker died is failed and queued again (_liveness.py); a worker stopped by
@@ -9,7 +13,10 @@ finished trials; then (one worker, under the lock) the confirmation runs, then t
 - a job that raises fails its trial only (the reason is the trial's ``fail_reason`` user attr);
   ``fdfa.sweep_job.Pruned`` from the trial's reporter makes it PRUNED;
 - a trial's value is the best of its per-epoch objective (``objective: val/acc``: chosen on
-  validation data).
+  validation data); with ``seeds_per_trial`` k > 1 its k seeds' jobs run one after the other
+  and its value is the mean of their values (user attrs ``seed_values`` and ``seed_std``: the
+  spread); the pruner sees the first seed's epochs only (every trial reports the same seed's, so
+  the pruner compares like with like), and a pruned first seed ends the trial.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import json
 import logging
 import math
 import secrets
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,7 @@ from optuna.trial import TrialState
 from fdfa.errors import FdfaError, find_fdfa_error
 from fdfa.sweep_job import Pruned, TrialReporter
 
-from ._confirm import run_confirmation
+from ._confirm import confirm_one
 from ._jobs import JobRunner, job_result, link_overrides
 from ._liveness import (
     Heartbeat,
@@ -52,32 +60,40 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    """Worker ``index`` of a sweep; ``workers``: how many this command runs (for the estimate of
-    the time left, which worker 0 gives after its first finished trial)."""
+    """Worker ``index`` of a sweep over ``plans`` (one per study); ``workers``: how many this
+    command runs (for the estimate of the time left, which worker 0 gives after its first
+    finished trial)."""
 
-    def __init__(self, options: Options, plan: Plan, runner: JobRunner, index: int, workers=1):
-        self.options, self.plan, self.runner = options, plan, runner
+    def __init__(self, options: Options, plans, runner: JobRunner, index: int, workers=1):
+        self.options, self.runner = options, runner
+        self.plans = plans if isinstance(plans, list) else [plans]
         self.index, self.workers = index, workers
         self.machine = machine_id()
         self.signals = WorkerSignals()
         self.estimated = index != 0  # only the command's own worker says how long is left
+        self.failed_seeds: set = set()  # (study, seed) of confirmation runs that failed here
 
     def work(self, config, children=()) -> None:
-        """Trials until the study is complete, the confirmation runs, the results (written also
-        when stopped). ``children``: worker processes this one started, waited for at the end."""
-        options, plan = self.options, self.plan
-        seed = plan.seed + self.index if plan.seed is not None else None
+        """Trials until every study is complete, the confirmation runs, the results (written
+        also when stopped). ``children``: worker processes this one started, waited for at the
+        end."""
+        options = self.options
+        seed = self.plans[0].seed + self.index if self.plans[0].seed is not None else None
         if "seed" in options.sampler and seed is None:
             seed = secrets.randbelow(2**31)  # this worker's own; logged so it can be replayed
-        sampler = instantiate(options.sampler, **({"seed": seed} if seed is not None else {}))
-        pruner = instantiate(options.pruner)
-        study, _, self.lock = open_study(
-            plan.url, plan.study_name, options.direction, sampler, pruner
-        )
+        self.studies = []  # (plan, study, lock)
+        for k, plan in enumerate(self.plans):  # study k's sampler: seed + 1000 k (a benchmark's)
+            own = {} if seed is None else {"seed": seed + 1000 * k}
+            sampler = instantiate(options.sampler, **own)
+            pruner = instantiate(options.pruner)
+            study, _, lock = open_study(
+                plan.url, plan.study_name, options.direction, sampler, pruner
+            )
+            self.studies.append((plan, study, lock))
         log.info(
-            "study %r in %s: %d trials, %s %s, sampler %s (seed %s), pruner %s",
-            plan.study_name,
-            printable_url(plan.url),
+            "%s in %s: %d trials each, %s %s, sampler %s (seed %s), pruner %s",
+            ", ".join(repr(p.study_name) for p in self.plans),
+            printable_url(self.plans[0].url),
             options.n_trials,
             options.direction,
             options.objective,
@@ -88,58 +104,122 @@ class Worker:
         self.signals = WorkerSignals([proc for proc, _ in children])
         try:
             with self.signals:
-                while (trial := self._next_trial(study)) is not None:
-                    self._run_trial(study, trial)
-                    self._check_failures(study)
-                if options.confirm_seeds:
-                    with self.lock():  # one worker runs them; the others then find them done
-                        run_confirmation(
-                            study, plan, options.confirm_seeds, self.runner, self.signals
-                        )
+                self._loop()
         finally:
             failed_children = [c for c in children if c[0].wait() != 0]
-            write_results(study, plan.sweep_dir, plan.url, options, config)
+            for plan, study, _ in self.studies:
+                write_results(study, plan, options, config)
         if failed_children:
             proc, path = failed_children[0]
             raise FdfaError(f"worker pid {proc.pid} exited with code {proc.returncode}; see {path}")
 
-    def _next_trial(self, study: optuna.Study) -> optuna.Trial | None:
-        """A new trial while the study has fewer than n_trials; else wait for the other
-        workers' running trials (one may be abandoned and need redoing), then None."""
+    def _loop(self) -> None:
         told = False
         while True:
             self.signals.stop_if_told()
-            with self.lock():
+            job = self._next_trial()
+            if job is not None:
+                self._run_trial(*job)
+                self._check_failures(job[0], job[1])
+                continue
+            if self.options.confirm_seeds and self._confirm_one():
+                continue
+            running = self._running()
+            if not running:
+                return
+            if not told:
+                log.info("all trials started; waiting for running trials %s", running)
+                told = True
+            time.sleep(min(self.options.heartbeat_interval, 1.0))
+
+    def _next_trial(self):
+        """(plan, study, trial): a new trial of the study with the fewest trials taken among
+        those with fewer than n_trials (or a queued trial); None when no study has one."""
+
+        def taken(entry) -> int:
+            return places_taken(entry[1].get_trials(deepcopy=False))
+
+        for plan, study, lock in sorted(self.studies, key=taken):
+            with lock():
                 fail_abandoned(study, self.machine, self.options.grace_period)
                 trials = study.get_trials(deepcopy=False)
                 waiting = any(t.state == TrialState.WAITING for t in trials)
                 if waiting or places_taken(trials) < self.options.n_trials:
                     try:
-                        trial = study.ask(self.plan.space)
+                        trial = study.ask(plan.space)
                     except ValueError as err:
                         raise FdfaError(
                             f"the search space does not fit study {study.study_name!r}: "
                             f"{one_line(err)}; use a new hydra.sweeper.study_name"
                         ) from err
                     claim(trial, self.machine)
-                    return trial
-                running = [t.number for t in trials if t.state == TrialState.RUNNING]
-            if not running:
-                return None
-            if not told:
-                log.info("all trials started; waiting for running trials %s", running)
-                told = True
-            time.sleep(min(self.options.heartbeat_interval, 1.0))
+                    return plan, study, trial
+        return None
 
-    def _run_trial(self, study: optuna.Study, trial: optuna.Trial) -> None:
-        plan, options = self.plan, self.options
-        link = link_overrides("trial", plan.study_name, trial.number)
-        overrides = job_overrides(plan.fixed, trial.params, *link)
-        reporter = TrialReporter(trial, options.objective, options.direction)
-        job_dir = plan.sweep_dir / str(trial.number)  # as the default subdir has it
+    def _running(self) -> list[str]:
+        """The running trials of every study (their worker's liveness checked first)."""
+        running = []
+        for plan, study, lock in self.studies:
+            with lock():
+                fail_abandoned(study, self.machine, self.options.grace_period)
+                trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            running += [f"{plan.label + ' ' if plan.label else ''}{t.number}" for t in trials]
+        return running
+
+    def _confirm_one(self) -> bool:
+        """Run one confirmation seed of a study whose trials have all finished; False if none
+        is left to take."""
+        for plan, study, lock in self.studies:
+            trials = study.get_trials(deepcopy=False)
+            if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+                continue
+            if confirm_one(
+                study,
+                plan,
+                self.options.confirm_seeds,
+                self.runner,
+                self.signals,
+                lock,
+                self.failed_seeds,
+            ):
+                return True
+        return False
+
+    def _run_trial(self, plan: Plan, study: optuna.Study, trial: optuna.Trial) -> None:
+        """The trial's job (one per seed with seeds_per_trial > 1), then tell the study."""
+        seeds = plan.trial_seeds()
         started = time.time()
+        values = {}
+        for j, seed in enumerate(seeds):
+            extra = (
+                []
+                if len(seeds) == 1
+                else [f"seed={seed}", f"hydra.sweep.subdir={trial.number}/seed{seed}"]
+            )
+            reporter = TrialReporter(
+                trial if j == 0 else None, self.options.objective, self.options.direction
+            )
+            status, result = self._run_job(plan, study, trial, extra, reporter)
+            value = self._job_value(trial, status, result, reporter)
+            if value is None:
+                self._tell_unfinished(plan, study, trial, status, result)
+                return
+            values[seed] = value
+        mean = statistics.fmean(values.values())
+        if len(values) > 1:
+            trial.set_user_attr("seed_values", {str(s): v for s, v in values.items()})
+            trial.set_user_attr("seed_std", statistics.stdev(values.values()))
+        study.tell(trial, mean)
+        self._progress(plan, study, trial, f"complete: {self.options.objective} {mean:.4f}")
+        self._estimate(study, time.time() - started)
+
+    def _run_job(self, plan, study, trial, extra, reporter):
+        """(status, result) of one job of ``trial``; a stopped worker hands the trial back."""
+        link = link_overrides("trial", plan.study_name, trial.number)
+        overrides = job_overrides(plan.fixed, trial.params, *extra, *link)
+        job_dir = plan.sweep_dir / str(trial.number)  # as the default subdir has it
         try:
-            with Heartbeat(trial, options.heartbeat_interval), self.signals.job():
+            with Heartbeat(trial, self.options.heartbeat_interval), self.signals.job():
                 ret = self.runner.run(overrides, trial.number, callbacks=[reporter])
             status, result = job_result(ret)
             job_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir)
@@ -154,40 +234,69 @@ class Worker:
             or job_status(job_dir) == "interrupted"  # the trainer handled the signal itself
         ):
             why = self.signals.received or getattr(result, "signal_name", None) or "interrupted"
-            with self.lock():
+            with study_lock(self.studies, study)():
                 hand_back(study, trial, f"its worker was stopped ({why})")
             raise Preempted(f"stopped by {why}: trial {trial.number} handed back (queued again)")
-        self._tell(study, trial, status, result, reporter)
-        self._estimate(study, time.time() - started)
+        return status, result
 
-    def _tell(self, study, trial, status, result, reporter: TrialReporter) -> None:
+    def _job_value(self, trial, status, result, reporter: TrialReporter) -> float | None:
+        """A completed job's value (its best objective), or None (pruned, failed, not finite)."""
+        if status != JobStatus.COMPLETED:
+            return None
+        value = reporter.best if reporter.best is not None else result
+        if not reporter.values:
+            log.warning(
+                "trial %d reported no per-epoch %s: the task function must pass its "
+                "callbacks to train() for pruning (fdfa/sweep_job.py)",
+                trial.number,
+                self.options.objective,
+            )
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+        return None
+
+    def _tell_unfinished(self, plan, study, trial, status, result) -> None:
+        """Tell the study that a job of ``trial`` was pruned or failed."""
         if status == JobStatus.COMPLETED:
-            value = reporter.best if reporter.best is not None else result
-            if not reporter.values:
-                log.warning(
-                    "trial %d reported no per-epoch %s: the task function must pass its "
-                    "callbacks to train() for pruning (fdfa/sweep_job.py)",
-                    trial.number,
-                    self.options.objective,
-                )
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                study.tell(trial, float(value))
-                log.info("trial %d complete: %s %.4f", trial.number, self.options.objective, value)
-                return
-            result = f"the job's result {value!r} is not a finite number"
+            self._fail(study, trial, f"the job's result {result!r} is not a finite number")
         elif isinstance(result, Pruned):
             study.tell(trial, state=TrialState.PRUNED)
-            log.info("trial %d pruned: %s", trial.number, result)
+            self._progress(plan, study, trial, f"pruned: {result}")
             return
-        self._fail(study, trial, result)
+        else:
+            self._fail(study, trial, result)
+
+    def _progress(self, plan: Plan, study: optuna.Study, trial, what: str) -> None:
+        """One line per finished trial: its study's label, the trial, the best so far, what is
+        left."""
+        trials = study.get_trials(deepcopy=False)
+        gone = abandoned(trials)
+        done = sum(1 for t in trials if t.state.is_finished() and t.number not in gone)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = ""
+        if complete:
+            top = study.best_trial
+            best = f"best {top.value:.4f} (trial {top.number}), "
+        log.info(
+            "%strial %d %s; %s%d trial(s) left",
+            f"[{plan.label}] " if plan.label else "",
+            trial.number,
+            what,
+            best,
+            max(self.options.n_trials - done, 0),
+        )
 
     def _estimate(self, study: optuna.Study, seconds: float) -> None:
         """After this worker's first finished trial: how long the sweep may still take."""
         if self.estimated:
             return
         self.estimated = True
-        left = self.options.n_trials - places_taken(study.get_trials(deepcopy=False))
-        log.info(remaining_time(seconds, left, self.workers, self.options.confirm_seeds))
+        left = sum(
+            self.options.n_trials - places_taken(s.get_trials(deepcopy=False))
+            for _, s, _ in self.studies
+        )
+        confirm_runs = self.options.confirm_seeds * len(self.studies)
+        log.info(remaining_time(seconds, left, self.workers, confirm_runs))
 
     def _fail(self, study: optuna.Study, trial: optuna.Trial, result: Any) -> None:
         if isinstance(result, BaseException):
@@ -201,7 +310,7 @@ class Worker:
         trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=TrialState.FAIL)
 
-    def _check_failures(self, study: optuna.Study) -> None:
+    def _check_failures(self, plan: Plan, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
         gone = abandoned(trials)
         failed = [t for t in trials if t.state == TrialState.FAIL and t.number not in gone]
@@ -211,6 +320,11 @@ class Worker:
                 f"hydra.sweeper.max_failure_rate={self.options.max_failure_rate} of n_trials="
                 f"{self.options.n_trials}; the last: {failed[-1].user_attrs.get('fail_reason')}"
             )
+
+
+def study_lock(studies, study):
+    """The lock of ``study`` among (plan, study, lock) entries."""
+    return next(lock for _, s, lock in studies if s is study)
 
 
 def job_status(job_dir: Path) -> str | None:

@@ -29,6 +29,7 @@ class Options:
     grace_period: float = 120.0
     params: Any = None
     confirm_seeds: int = 0
+    seeds_per_trial: int = 1
 
     def __post_init__(self) -> None:
         if self.direction not in ("maximize", "minimize"):
@@ -39,6 +40,8 @@ class Options:
             raise FdfaError("hydra.sweeper.n_trials must be at least 1")
         if self.confirm_seeds < 0:
             raise FdfaError("hydra.sweeper.confirm_seeds must be >= 0 (0: no confirmation runs)")
+        if self.seeds_per_trial < 1:
+            raise FdfaError("hydra.sweeper.seeds_per_trial must be >= 1 (1: one seed per trial)")
         if not 0 <= self.max_failure_rate <= 1:
             raise FdfaError("hydra.sweeper.max_failure_rate must be between 0 and 1")
         if not 0 < self.heartbeat_interval < self.grace_period:
@@ -61,5 +64,15 @@ class Plan:
     study_name: str
     url: str  # the storage
     seed: int | None  # the sampler seed as given (worker i uses seed + i), or None
-    trial_seed: int  # the config's seed, every trial's; confirmation runs use trial_seed + 1..N
+    trial_seed: int  # the config's seed s: trials run at s..s+k-1 (k: seeds_per_trial)
     settings: dict = field(default_factory=dict)  # what every trial shares (_settings.py)
+    label: str = ""  # how progress lines name this study (a benchmark: its rule)
+    seeds_per_trial: int = 1  # k: each trial trains seeds trial_seed..trial_seed+k-1
+
+    def trial_seeds(self) -> list[int]:
+        """The seeds every trial trains: s..s+k-1."""
+        return [self.trial_seed + j for j in range(self.seeds_per_trial)]
+
+    def confirm_seeds(self, n: int) -> list[int]:
+        """The n confirmation seeds, the next ones after the trials': s+k..s+k+n-1."""
+        return [self.trial_seed + self.seeds_per_trial + i for i in range(n)]

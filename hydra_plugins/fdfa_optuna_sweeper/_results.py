@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from fdfa.study_report import log_study
 
 from ._confirm import confirmation_results
-from ._plan import Options
+from ._plan import Options, Plan
 from ._plots import save_plots, write_atomic
 from ._space import override_value
 from ._storage import printable_url
@@ -26,10 +26,9 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "optimization_results.yaml"
 
 
-def write_results(
-    study: optuna.Study, sweep_dir: Path, url: str, options: Options, config: DictConfig
-) -> None:
+def write_results(study: optuna.Study, plan: Plan, options: Options, config: DictConfig) -> None:
     """optimization_results.yaml, the plots and the W&B study run, from the study as it is now."""
+    sweep_dir, url = plan.sweep_dir, plan.url
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name.lower() for t in trials)
     results = {
@@ -39,12 +38,20 @@ def write_results(
         "direction": options.direction,
         "objective": options.objective,
         "trials": dict(sorted(states.items())),
+        "seeds_per_trial": plan.seeds_per_trial,
+        "trial_seeds": plan.trial_seeds(),  # every trial trained these seeds; value: their mean
     }
     if states["complete"]:
         best = study.best_trial
         results.update(best_trial=best.number, best_value=best.value, best_params=best.params)
+        if "seed_values" in best.user_attrs:  # the spread of the best trial's seeds
+            results.update(
+                best_seed_values={int(k): v for k, v in best.user_attrs["seed_values"].items()},
+                best_seed_std=best.user_attrs["seed_std"],
+            )
         log.info(
-            "Best trial %d: %s = %.4f with %s",
+            "%sBest trial %d: %s = %.4f with %s",
+            f"[{plan.label}] " if plan.label else "",
             best.number,
             options.objective,
             best.value,
@@ -58,7 +65,8 @@ def write_results(
         if "mean" in confirm:
             half = confirm["ci95_half_width"]
             log.info(
-                "confirmation: test acc at best-val epoch %.4f%s over seeds %s",
+                "%sconfirmation: test acc at best-val epoch %.4f%s over seeds %s",
+                f"[{plan.label}] " if plan.label else "",
                 confirm["mean"],
                 "" if half is None else f" ± {half:.4f} (95% CI)",
                 [s for s in confirm["seeds"] if s not in confirm["missing_seeds"]],

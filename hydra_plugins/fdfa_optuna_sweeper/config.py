@@ -73,7 +73,10 @@ class FdfaOptunaSweeperConf:
     grace_period: float = 120.0  # a trial silent this long (its worker died) is failed and redone
     params: dict[str, str] | None = None  # key: search space (interval/range/choice/tag)
     confirm_seeds: int = 0  # then rerun the best trial's params on N seeds no trial used: the
-    # trials' seed s (the config's seed) plus 1..N, in confirm/seed<s+i>
+    # trials' seeds are s..s+k-1 (s: the config's seed, k: seeds_per_trial), the confirmation's
+    # the next N, s+k..s+k+N-1, in confirm/seed<seed>
+    seeds_per_trial: int = 1  # k: each trial trains k seeds (s..s+k-1, in <trial>/seed<seed>/
+    # when k > 1); its value is their mean; the pruner sees the first seed's epochs only
 
 
 cs = ConfigStore.instance()
