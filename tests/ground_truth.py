@@ -110,3 +110,22 @@ def assert_one_over_sqrt_law(singles, target, label):
     for m in (16, 256):
         ratio = m * group_mse(singles, target, m) / mse_1
         assert 0.6 < ratio < 1.6, f"{label}, M={m}: M * MSE_M / MSE_1 = {ratio:.3f}"
+
+
+def fdfa_single_estimates(model, x, k: int, seed: int) -> list[torch.Tensor]:
+    """One FDFA step with momentum 0 and ``k`` directions, which sets B_l to the mean of k single
+    estimates J_l^ = t^T u_l / batch; returns those estimates of each block ([k, classes, n_l]),
+    replayed from the step's draws (asserting that B_l is their mean)."""
+    from fdfa.rules import FDFA
+    from fdfa.rules.base import perturbed_forward
+
+    rule = FDFA(model, feedback_update="ema", momentum=0.0, n_directions=k)
+    torch.manual_seed(seed)
+    rule.train_step(x, torch.zeros(len(x), dtype=torch.long))
+    torch.manual_seed(seed)  # replay the step's draws
+    _, us, _, t = perturbed_forward(model, x, k)
+    singles = []
+    for b, u in zip(rule.feedback, us):
+        singles.append(torch.einsum("knc,knd->kcd", t, u.flatten(2)) / len(x))
+        torch.testing.assert_close(b.flatten(1), singles[-1].mean(0), rtol=1e-4, atol=1e-6)
+    return singles
