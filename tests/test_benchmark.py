@@ -33,6 +33,7 @@ SWEEP_FILE = {
     "dfa": "lr",
     "fg_w": "lr",
     "fg_a": "lr",
+    **{rule: "lr" for rule in ("fa", "kp", "usf", "brsf", "frsf", "drtp")},  # the lr alone
     "dkp": "dkp",
     "fdfa": "fdfa_adam",
     "fdfa_ema": "fdfa",
