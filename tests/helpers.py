@@ -148,3 +148,52 @@ def crash_at_step(monkeypatch, cls, n: int) -> None:
         return real_step(self, x, y)
 
     monkeypatch.setattr(cls, "train_step", step)
+
+
+class UserNet(nn.Module):
+    """A network as a user writes it: not an fdfa BlockNet; torch.flatten inside forward."""
+
+    def __init__(self, num_classes=10, channels=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 8, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.layer = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.pool(self.layer(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+USER_BLOCKS = [["conv1", "bn1", "act"], "layer"]  # UserNet's parts, for fdfa.adapter.Wrapped
+USER_HEAD = ["pool", "flatten", "fc"]
+
+
+def user_wrapped(shape, classes):
+    from fdfa.adapter import Wrapped
+
+    return Wrapped(UserNet(classes, shape[0]), USER_BLOCKS, USER_HEAD, shape, classes)
+
+
+# The presets of the networks of tests/test_networks.py, with the recipe each must compose to:
+# preset -> (dataset, depth, model target, optimizer, lr, batch, epochs, scheduler class, augment)
+RESNET = ("resnet.CifarResNet", "SGD", 0.1, 128)  # He et al. 2016: SGD 0.1, batch 128
+NETWORK_PRESETS = {
+    "cifar10_resnet20": ("cifar10", 20, *RESNET, 182, "MultiStepLR", "flip_crop"),
+    "cifar10_resnet56": ("cifar10", 56, *RESNET, 182, "MultiStepLR", "flip_crop"),
+    "fashion_mnist_resnet20": ("fashion_mnist", 20, *RESNET, 20, "MultiStepLR", "none"),
+    "cifar10_vit": (
+        "cifar10",
+        6,
+        "vit.ViT",
+        "Adam",
+        1e-3,
+        128,
+        200,
+        "CosineAnnealingLR",
+        "flip_crop",
+    ),
+}

@@ -6,38 +6,22 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fdfa.adapter import TorchvisionNet, Wrapped
 from fdfa.models import hidden_shapes
 from fdfa.rules import BP
-from tests.helpers import compose_config, make_batch, synthetic_overrides
-
-
-class UserNet(nn.Module):
-    """A network as a user writes it: not an fdfa BlockNet; torch.flatten inside forward."""
-
-    def __init__(self, num_classes=10, channels=3):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, 8, 3, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.act = nn.ReLU()
-        self.layer = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        x = self.act(self.bn1(self.conv1(x)))
-        x = self.pool(self.layer(x))
-        return self.fc(torch.flatten(x, 1))
-
-
-BLOCKS = [["conv1", "bn1", "act"], "layer"]
-HEAD = ["pool", "flatten", "fc"]
-
-
-def user_wrapped(shape, classes):
-    return Wrapped(UserNet(classes, shape[0]), BLOCKS, HEAD, shape, classes)
+from tests.helpers import (
+    USER_BLOCKS as BLOCKS,
+)
+from tests.helpers import (
+    USER_HEAD as HEAD,
+)
+from tests.helpers import (
+    UserNet,
+    compose_config,
+    make_batch,
+    synthetic_overrides,
+)
 
 
 def test_bp_through_the_adapter_gives_loss_backward_on_the_users_module():

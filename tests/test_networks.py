@@ -32,8 +32,13 @@ from tests.ground_truth import (
     per_sample_jacobian,
     tiny_batch,
 )
-from tests.helpers import compose_config, make_batch, synthetic_overrides
-from tests.test_adapter import user_wrapped
+from tests.helpers import (
+    NETWORK_PRESETS,
+    compose_config,
+    make_batch,
+    synthetic_overrides,
+    user_wrapped,
+)
 
 RULES = {name: fdfa.api.RULES[name] for name in ("bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a")}
 SHAPES = {"cifar": (3, 32, 32), "mnist": (1, 28, 28)}
@@ -379,26 +384,6 @@ def test_resume_on_a_resnet_is_bit_exact(tmp_path, monkeypatch):
     b = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)["rule"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any("running_mean" in k for k in a) and any(k.startswith("feedback") for k in a)
-
-
-# preset -> (dataset, depth, model target, optimizer, lr, batch, epochs, scheduler class, augment)
-RESNET = ("resnet.CifarResNet", "SGD", 0.1, 128)  # He et al. 2016: SGD 0.1, batch 128
-NETWORK_PRESETS = {
-    "cifar10_resnet20": ("cifar10", 20, *RESNET, 182, "MultiStepLR", "flip_crop"),
-    "cifar10_resnet56": ("cifar10", 56, *RESNET, 182, "MultiStepLR", "flip_crop"),
-    "fashion_mnist_resnet20": ("fashion_mnist", 20, *RESNET, 20, "MultiStepLR", "none"),
-    "cifar10_vit": (
-        "cifar10",
-        6,
-        "vit.ViT",
-        "Adam",
-        1e-3,
-        128,
-        200,
-        "CosineAnnealingLR",
-        "flip_crop",
-    ),
-}
 
 
 @pytest.mark.parametrize("preset", NETWORK_PRESETS)

@@ -28,7 +28,7 @@ from fdfa.report import (
     unpaired_notes,
 )
 from fdfa.train import train
-from tests.helpers import CONF, compose_config, run_cli, synthetic_overrides
+from tests.helpers import CONF, NETWORK_PRESETS, compose_config, run_cli, synthetic_overrides
 
 # preset -> (dataset, model class, model keys, batch size): the reference code's runs
 PRESETS = {
@@ -55,8 +55,6 @@ def without_preset(algorithm):
 
 
 def test_every_preset_is_listed_here():
-    from tests.test_networks import NETWORK_PRESETS  # the new networks' recipes, tested there
-
     presets = sorted([*PRESETS, *NETWORK_PRESETS])
     assert sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")) == presets
 
