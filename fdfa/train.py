@@ -107,10 +107,10 @@ class Run:
         (``trainer.resume``); a fresh start empties metrics.jsonl. Returns the run."""
         cfg = self.cfg
         self.files.create()
-        resume_from = self._resume_source()
+        resume_from = resume_source(cfg.trainer.get("resume", "auto"), self.files, self.resolved)
         resumed = checkpoint.load(resume_from) if resume_from else None
         if resumed:
-            self._check_compatible(resumed, resume_from)
+            check_compatible(resumed, resume_from, self.resolved)
         self.files.record_config(self.record)  # the dir is this run's: record its config
 
         seed_everything(cfg.seed)
@@ -166,12 +166,6 @@ class Run:
         return before + time.perf_counter() - t0
 
     # ---- checkpoints -------------------------------------------------------------------------
-
-    def _resume_source(self) -> Path | None:
-        return resume_source(self.cfg.trainer.get("resume", "auto"), self.files, self.resolved)
-
-    def _check_compatible(self, ckpt: dict, path: Path) -> None:
-        check_compatible(ckpt, path, self.resolved)
 
     def _optimizers(self) -> dict:
         """The forward optimizer and any optimizer the rule holds (e.g. its feedback's)."""
