@@ -42,6 +42,7 @@ import inspect
 from torch import nn
 
 from fdfa.adapter import Wrapped
+from fdfa.models import is_block_net
 from fdfa.rules import BP, BRSF, DFA, DKP, DRTP, FA, FDFA, FGA, FGW, FRSF, KP, USF, LearningRule
 
 # Every rule by its config name (conf/algorithm/<name>.yaml; tests/test_api.py keeps them equal).
@@ -59,11 +60,6 @@ RULES: dict[str, type[LearningRule]] = {
     "frsf": FRSF,
     "drtp": DRTP,
 }
-BLOCK_NET = ("blocks", "head", "input_shape", "num_classes")  # what the rules need of a model
-
-
-def _is_block_net(model) -> bool:
-    return all(hasattr(model, a) for a in BLOCK_NET) and isinstance(model.blocks, nn.ModuleList)
 
 
 def wrap(module: nn.Module, blocks=None, head=None, input_shape=None) -> nn.Module:
@@ -76,7 +72,7 @@ def wrap(module: nn.Module, blocks=None, head=None, input_shape=None) -> nn.Modu
     the parts in order must give ``module(x)`` (checked on a probe batch; else ValueError naming
     the part). A block network (``blocks``, ``head``, ``input_shape``, ``num_classes``, as
     fdfa's own models) is returned unchanged when no parts are named."""
-    if blocks is None and head is None and _is_block_net(module):
+    if blocks is None and head is None and is_block_net(module):
         return module
     if not isinstance(module, nn.Module):
         raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -112,7 +108,7 @@ def rule(name: str, model: nn.Module, **options_) -> LearningRule:
             hint = f" (did you mean {close[0]}?)" if close else ""
             listed = ", ".join(known) if known else "none"
             raise ValueError(f"{name} has no option {key!r}{hint}; its options: {listed}")
-    if not _is_block_net(model):
+    if not is_block_net(model):
         raise ValueError(
             f"model must be a block network, got a {type(model).__name__}: pass "
             "fdfa.wrap(module, blocks=[...], head=[...], input_shape=...)"

@@ -175,10 +175,19 @@ class AlexNet(BlockNet):
         self.head = nn.Linear(fc_width, num_classes)
 
 
+BLOCK_NET = ("blocks", "head", "input_shape", "num_classes")  # what the rules need of a model
+
+
+def is_block_net(model) -> bool:
+    """Whether ``model`` has the interface the rules need (``blocks`` an nn.ModuleList)."""
+    has_all = all(hasattr(model, a) for a in BLOCK_NET)
+    return has_all and isinstance(model.blocks, nn.ModuleList)
+
+
 def check_block_net(model: nn.Module) -> None:
     """Raise a clear error when a (user) model lacks the interface the rules need."""
-    missing = [a for a in ("blocks", "head", "input_shape", "num_classes") if not hasattr(model, a)]
-    if missing or not isinstance(getattr(model, "blocks", None), nn.ModuleList):
+    if not is_block_net(model):
+        missing = [a for a in BLOCK_NET if not hasattr(model, a)]
         name = type(model).__name__
         raise FdfaError(
             f"model {name} lacks {', '.join(missing) or 'blocks as nn.ModuleList'}: a model needs "
