@@ -50,6 +50,14 @@ class RunFiles:
                 raise checkpoint.disk_full(self.dir, self.metrics.name) from None
             raise
 
+    def read_summary(self) -> dict | None:
+        """summary.json as a dict; None when it is absent, unreadable or not an object."""
+        try:
+            summary = json.loads(self.summary.read_text())
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) else None
+
     def write_summary(self, summary: dict) -> None:
         checkpoint.write_text_atomic(self.summary, json.dumps(summary, indent=2) + "\n")
 

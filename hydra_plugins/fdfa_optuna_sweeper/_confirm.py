@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from fdfa.protocol import mean_ci
+from fdfa.runfiles import RunFiles
 
 from ._jobs import link_overrides
 from ._plots import write_atomic
@@ -145,11 +145,8 @@ def confirmation_results(sweep_dir: Path, n: int) -> dict | None:
 
 def confirmed_value(run_dir: Path) -> float | None:
     """selected/test/acc of a finished run in run_dir (None: missing, unfinished or unreadable)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or summary.get("status") != "completed":
+    summary = RunFiles(run_dir).read_summary()
+    if summary is None or summary.get("status") != "completed":
         return None
     value = summary.get("selected/test/acc")
     return float(value) if isinstance(value, (int, float)) else None

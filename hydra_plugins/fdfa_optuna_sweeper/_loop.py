@@ -21,7 +21,6 @@ neither, it waits for the running trials, then writes the results.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import secrets
@@ -36,6 +35,7 @@ from hydra.utils import instantiate
 from optuna.trial import TrialState
 
 from fdfa.errors import FdfaError, find_fdfa_error
+from fdfa.runfiles import RunFiles
 from fdfa.sweep_job import Pruned, TrialReporter
 
 from ._confirm import confirm_one
@@ -329,7 +329,5 @@ def study_lock(studies, study):
 
 def job_status(job_dir: Path) -> str | None:
     """The ``status`` in a job's summary.json, if there is one."""
-    try:
-        return json.loads((job_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    summary = RunFiles(job_dir).read_summary()
+    return None if summary is None else summary.get("status")
