@@ -26,14 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdfa.checks import check_arguments, integer
 from fdfa.models import BlockNet
 from fdfa.tangents import residual_with_tangent
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model.{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class PatchEmbedding(nn.Module):
@@ -150,6 +145,14 @@ class TokenPool(nn.Module):
 class ViT(BlockNet):
     """A small Vision Transformer; see the module docstring."""
 
+    @check_arguments(
+        "model.",
+        patch=integer(1, example=4),
+        depth=integer(1, example=6),
+        width=integer(1, example=128),
+        heads=integer(1, example=4),
+        mlp_ratio=integer(1, example=2),
+    )
     def __init__(
         self,
         input_shape,
@@ -161,9 +164,6 @@ class ViT(BlockNet):
         mlp_ratio: int = 2,
         pool: str = "cls",
     ):
-        sizes = dict(patch=patch, depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio)
-        for name, value in sizes.items():
-            _positive_int(name, value)
         if width % heads:
             raise ValueError(f"model.width ({width}) must be a multiple of model.heads ({heads})")
         if pool not in ("cls", "mean"):
