@@ -16,19 +16,35 @@ from tests.helpers import REPO, PrototypeData, run_cli, synthetic_overrides
 TINY = synthetic_overrides("model.width=32", "algorithm=bp", "trainer.epochs=1")
 
 
-# trials that take >= 0.5 s each (so that two workers both get some)
+# trials that take >= 0.5 s each
 SLOW = ["dataset._target_=tests.sweep_helpers.HeldData", "+dataset.delay_s=0.5"]
+
+
+def meeting_of(n: int, where: Path) -> list[str]:
+    """Overrides with which no trial starts training until ``n`` distinct processes have begun
+    a trial (each leaves its pid in ``where``): every one of ``n`` workers surely runs one,
+    however slowly the later workers start. Waits 240 s at most."""
+    return [f"+dataset.meet_dir={where}", f"+dataset.meet_n={n}"]
 
 
 class HeldData(PrototypeData):
     """PrototypeData that, while ``hold_file`` exists, blocks in __init__ after writing
-    ``started_file``: a job the test can catch mid-trial (to kill its worker)."""
+    ``started_file``: a job the test can catch mid-trial (to kill its worker); with
+    ``meet_dir``, it waits until ``meet_n`` processes have started a trial (``meeting_of``)."""
 
-    def __init__(self, hold_file=None, started_file=None, delay_s=0.0, **kwargs):
+    def __init__(
+        self, hold_file=None, started_file=None, delay_s=0.0, meet_dir=None, meet_n=0, **kwargs
+    ):
         if started_file:
             Path(started_file).touch()
         while hold_file and Path(hold_file).exists():
             time.sleep(0.05)
+        if meet_dir:
+            Path(meet_dir).mkdir(parents=True, exist_ok=True)
+            (Path(meet_dir) / str(os.getpid())).touch()
+            deadline = time.time() + 240
+            while len(list(Path(meet_dir).iterdir())) < meet_n and time.time() < deadline:
+                time.sleep(0.05)
         time.sleep(delay_s)
         super().__init__(**kwargs)
 

@@ -22,7 +22,7 @@ from hydra_plugins.fdfa_optuna_sweeper import _space as space
 from hydra_plugins.fdfa_optuna_sweeper._benchmark import flat_params, read_benchmark
 from hydra_plugins.fdfa_optuna_sweeper._liveness import WORKER_ATTR, abandoned
 from tests.helpers import REPO
-from tests.sweep_helpers import SLOW, finish, sqlite_url, sweep_cli
+from tests.sweep_helpers import SLOW, finish, meeting_of, sqlite_url, sweep_cli
 
 RULES = ["bp", "dfa", "dkp"]
 BENCH = ["benchmark.rules=[bp,dfa,dkp]", "benchmark.trials=3", "benchmark.seeds=2"]
@@ -196,7 +196,8 @@ def test_benchmark_on_two_workers_killed_midway_resumes_without_redoing(tmp_path
     """Two workers; once some trials finished, SIGKILL the second worker, then the driver; the
     same command finishes with the same counts, and no finished trial or seed run ran again."""
     sweep_dir = tmp_path / "bench"
-    driver = bench_cli(sweep_dir, "hydra.sweeper.n_jobs=2", *SLOW, popen=True)
+    met = meeting_of(2, tmp_path / "met")  # both workers surely run trials before the kill
+    driver = bench_cli(sweep_dir, "hydra.sweeper.n_jobs=2", *SLOW, *met, popen=True)
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None:
         try:
@@ -224,7 +225,7 @@ def test_benchmark_on_two_workers_killed_midway_resumes_without_redoing(tmp_path
     }
     assert len(done_before) >= 4
 
-    res = bench_cli(sweep_dir, "hydra.sweeper.n_jobs=2", *SLOW)
+    res = bench_cli(sweep_dir, "hydra.sweeper.n_jobs=2", *SLOW, *met)
     assert res.returncode == 0, res.stdout + res.stderr
     check_finished_benchmark(sweep_dir)
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before  # none ran again

@@ -26,7 +26,17 @@ from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
 from hydra_plugins.fdfa_optuna_sweeper import _storage as storage
 from hydra_plugins.fdfa_optuna_sweeper._launch import resolve_n_jobs
 from tests.helpers import REPO, PrototypeData
-from tests.sweep_helpers import SLOW, TINY, finish, finished, held_trials, load, sweep_cli, wait_for
+from tests.sweep_helpers import (
+    SLOW,
+    TINY,
+    finish,
+    finished,
+    held_trials,
+    load,
+    meeting_of,
+    sweep_cli,
+    wait_for,
+)
 
 SUBMITIT = "hydra/launcher=submitit_local"
 
@@ -124,6 +134,7 @@ def test_running_trial_no_worker_claimed_is_redone_after_the_grace_period(tmp_pa
 def test_local_workers_each_get_their_gpu(tmp_path):
     """n_jobs=auto with 2 (faked) GPUs: 2 worker processes, one on each."""
     cmd = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=auto", *SLOW]
+    cmd += meeting_of(2, tmp_path / "met")  # else worker 0 may run all 4 before worker 1 starts
     proc = sweep_cli(tmp_path, *cmd, popen=True, env={"CUDA_VISIBLE_DEVICES": "0,1"})
     out = finish(proc, 300)
     assert proc.returncode == 0, out
@@ -185,7 +196,7 @@ def test_optuna_sweep_through_submitit_local(tmp_path):
     """2 workers as submitit jobs (one per faked GPU), n_trials=4 exactly, report written."""
     needs_submitit()
     cmd = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra.sweeper.confirm_seeds=2"]
-    cmd += [SUBMITIT, *SLOW]
+    cmd += [SUBMITIT, *SLOW, *meeting_of(2, tmp_path / "met")]
     proc = sweep_cli(tmp_path, *cmd, popen=True, env={"CUDA_VISIBLE_DEVICES": "0,1"})
     out = finish(proc, 400)
     assert proc.returncode == 0, out
@@ -260,6 +271,7 @@ def test_slurm_array_script_tasks_share_one_journal_study(tmp_path):
         "FDFA_SWEEP_DIR": str(tmp_path / "sweep"),
     }
     args = ["sweep=lr", *TINY, "hydra.sweeper.n_trials=4", "hydra.sweeper.confirm_seeds=0", *SLOW]
+    args += meeting_of(2, tmp_path / "met")
     tasks = [
         subprocess.Popen(
             ["bash", str(REPO / "scripts" / "slurm_array.sh"), *args],
