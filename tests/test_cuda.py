@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 
-from fdfa.rules import BP, DFA, DKP, FDFA
+from fdfa.rules import BP, BRSF, DFA, DKP, DRTP, FA, FDFA, FRSF, KP, USF
 from fdfa.rules.base import dual_forward, perturbed_forward
 from fdfa.train import Run, train
-from tests.helpers import NETS, SHAPES, compose_config, make_batch, synthetic_overrides
+from tests.helpers import NETS, REPO, SHAPES, compose_config, make_batch, synthetic_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
@@ -30,7 +30,7 @@ def batch(shape):
 
 
 @pytest.mark.parametrize("net", NETS)
-@pytest.mark.parametrize("rule_cls", [BP, DFA, DKP])
+@pytest.mark.parametrize("rule_cls", [BP, DFA, DKP, FA, KP, USF, BRSF, FRSF, DRTP])
 def test_deterministic_rules_step_on_cuda_as_on_cpu(rule_cls, net):
     make, shape = NETS[net], SHAPES[net]
     torch.manual_seed(0)
@@ -49,6 +49,9 @@ def test_deterministic_rules_step_on_cuda_as_on_cpu(rule_cls, net):
             assert_close_rel(p_gpu.grad, p_cpu.grad)
     if rule_cls is DKP:  # the feedback's own Adam step ran on the GPU too
         for b_cpu, b_gpu in zip(cpu_rule.feedback, gpu_rule.feedback):
+            assert_close_rel(b_gpu, b_cpu)
+    if rule_cls is KP:  # so did KP's (B_l takes W_l's step)
+        for b_cpu, b_gpu in zip(cpu_rule.feedback_weights, gpu_rule.feedback_weights):
             assert_close_rel(b_gpu, b_cpu)
 
 
@@ -91,7 +94,9 @@ def test_perturbations_are_drawn_on_the_gpu():
     assert all(abs(u.std().item() - 1) < 0.2 for u in us)  # N(0, I): >= 100 samples each
 
 
-@pytest.mark.parametrize("algorithm", ["bp", "dfa", "dkp", "fdfa", "fg_w", "fg_a"])
+@pytest.mark.parametrize(
+    "algorithm", sorted(p.stem for p in (REPO / "conf/algorithm").glob("*.yaml"))
+)
 def test_every_rule_learns_on_cuda(tmp_path, algorithm):
     cfg = compose_config(
         synthetic_overrides(f"algorithm={algorithm}", "trainer.device=cuda", "trainer.epochs=3",

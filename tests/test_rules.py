@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.func import jvp
 
 from fdfa.models import ShallowCNN
-from fdfa.rules import BP, DFA, DKP, FDFA
+from fdfa.rules import BP, DFA, DKP, FDFA, KP
 from fdfa.rules.base import FeedbackAdam, project_error
 from tests.helpers import NETS, SHAPES, logits_given_offsets, make_batch
 
@@ -238,6 +238,20 @@ def test_fdfa_adam_update_follows_b_minus_estimate():
 def test_fdfa_rejects_unknown_feedback_update():
     with pytest.raises(ValueError, match="feedback_update"):
         FDFA(NETS["fc"](), feedback_update="sgd")
+
+
+@pytest.mark.parametrize("rule_cls", [DKP, KP, FDFA])
+def test_a_copied_rule_steps_as_the_original(rule_cls):
+    """copy.deepcopy of a rule (as tests/test_cuda.py and users' own loops do) keeps its feedback
+    optimizer working: the copy's step gives the original's numbers."""
+    rule = rule_cls(NETS["fc"]())  # each with a FeedbackAdam for its feedback
+    copied = copy.deepcopy(rule)
+    x, y = make_batch(SHAPES["fc"], n=8)
+    for r in (rule, copied):
+        torch.manual_seed(1)
+        r.train_step(x, y)
+    for (name, a), b in zip(rule.state_dict().items(), copied.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_feedback_adam_update_is_torch_adam_step():

@@ -248,6 +248,10 @@ class FeedbackAdam(torch.optim.Adam):
         fused = self.fused_kernel is not None
         super().__init__(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
+    def __setstate__(self, state):  # copy.deepcopy / pickle keep only torch's Optimizer state
+        super().__setstate__(state)
+        self.fused_kernel = getattr(torch, "_fused_adam_", None) if self.defaults["fused"] else None
+
     @torch.no_grad()
     def update(self) -> None:
         if self.fused_kernel is None:
