@@ -63,7 +63,7 @@ class SweepCommand:
                 plans.append(replace(plan, label=rule))
         for plan in plans:
             claim_sweep_dir(plan.sweep_dir, plan.study_name, plan.url)  # or refuse
-            study, _, lock = open_study(plan.url, plan.study_name, self.options.direction)
+            study, _, lock = self._open(plan)
             with lock():  # before any trial: a rerun with other settings must not join the study
                 check_settings(study, plan.settings)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -80,7 +80,7 @@ class SweepCommand:
         if bench is None:
             lines = closing_lines(sweep_dir)
         else:
-            studies = [open_study(p.url, p.study_name, self.options.direction)[0] for p in plans]
+            studies = [self._open(p)[0] for p in plans]
             report = write_report(sweep_dir, plans, studies, bench.seeds)
             lines = [f"results: {sweep_dir}/<rule>/optimization_results.yaml"]
             if report is None:
@@ -89,6 +89,13 @@ class SweepCommand:
                 lines.append(f"report: {report / 'results.md'} (results.csv, plots)")
         for line in lines:
             print(line, flush=True)
+
+    def _open(self, plan: Plan):
+        """(study, storage, lock) of ``plan``'s study (_storage.open_study)."""
+        options = self.options
+        return open_study(
+            plan.url, plan.study_name, options.direction, timeout_s=options.storage_timeout_s
+        )
 
     def _plan(self, params: dict, arguments: list[str], sweep_dir, study_name, url) -> Plan:
         """The search space, checked by composing the trials' configs now (not mid-sweep), the
@@ -176,7 +183,7 @@ class SweepCommand:
                     user_errors.append(user_error)
         short = []  # (study name, finished trials) of the studies short of n_trials
         for plan in plans:
-            study, _, lock = open_study(plan.url, plan.study_name, options.direction)
+            study, _, lock = self._open(plan)
             self._wait_for_running(study, lock)
             write_results(study, plan, options, self.config)
             trials = study.get_trials(deepcopy=False)

@@ -34,7 +34,7 @@ from hydra.core.utils import JobStatus
 from hydra.utils import instantiate
 from optuna.trial import TrialState
 
-from fdfa.errors import FdfaError, find_fdfa_error
+from fdfa.errors import DiskFullError, FdfaError, find_fdfa_error, is_disk_full
 from fdfa.runfiles import RunFiles
 from fdfa.sweep_job import Pruned, TrialReporter
 
@@ -52,9 +52,10 @@ from ._liveness import (
     places_taken,
 )
 from ._plan import Options, Plan
+from ._repeats import repeated, replace_repeat, resume_seed
 from ._results import remaining_time, write_results
 from ._space import job_overrides, one_line
-from ._storage import open_study, printable_url
+from ._storage import open_study, printable_url, storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,19 @@ class Worker:
         if "seed" in options.sampler and seed is None:
             seed = secrets.randbelow(2**31)  # this worker's own; logged so it can be replayed
         self.studies = []  # (plan, study, lock)
+        seeds = []
         for k, plan in enumerate(self.plans):  # study k's sampler: seed + 1000 k (a benchmark's)
-            own = {} if seed is None else {"seed": seed + 1000 * k}
-            sampler = instantiate(options.sampler, **own)
-            pruner = instantiate(options.pruner)
             study, _, lock = open_study(
-                plan.url, plan.study_name, options.direction, sampler, pruner
+                plan.url,
+                plan.study_name,
+                options.direction,
+                pruner=instantiate(options.pruner),
+                timeout_s=options.storage_timeout_s,
             )
+            own = None if seed is None else seed + 1000 * k
+            own = resume_seed(own, len(study.get_trials(deepcopy=False)))  # a rerun: new draws
+            seeds.append(own)
+            study.sampler = instantiate(options.sampler, **({} if own is None else {"seed": own}))
             self.studies.append((plan, study, lock))
         log.info(
             "%s in %s: %d trials each, %s %s, sampler %s (seed %s), pruner %s",
@@ -97,18 +104,26 @@ class Worker:
             options.n_trials,
             options.direction,
             options.objective,
-            type(sampler).__name__,
-            seed,
-            type(pruner).__name__,
+            type(study.sampler).__name__,
+            seeds[0] if len(seeds) == 1 else seeds,
+            type(study.pruner).__name__,
         )
         self.signals = WorkerSignals([proc for proc, _ in children])
         try:
             with self.signals:
                 self._loop()
+        except Exception as err:
+            failure = storage_failure(err, self.plans[0].url, options.storage_timeout_s)
+            if failure is None:
+                raise
+            raise failure from err
         finally:
             failed_children = [c for c in children if c[0].wait() != 0]
             for plan, study, _ in self.studies:
-                write_results(study, plan, options, config)
+                try:
+                    write_results(study, plan, options, config)
+                except Exception as err:  # a full disk: the error that stopped the loop counts
+                    log.warning("no results written to %s: %s", plan.sweep_dir, one_line(err))
         if failed_children:
             proc, path = failed_children[0]
             raise FdfaError(f"worker pid {proc.pid} exited with code {proc.returncode}; see {path}")
@@ -145,16 +160,22 @@ class Worker:
                 trials = study.get_trials(deepcopy=False)
                 waiting = any(t.state == TrialState.WAITING for t in trials)
                 if waiting or places_taken(trials) < self.options.n_trials:
-                    try:
-                        trial = study.ask(plan.space)
-                    except ValueError as err:
-                        raise FdfaError(
-                            f"the search space does not fit study {study.study_name!r}: "
-                            f"{one_line(err)}; use a new hydra.sweeper.study_name"
-                        ) from err
+                    trial = self._ask(plan, study)
+                    if not waiting and repeated(study, trial) is not None:  # a queued one may
+                        if replace_repeat(study, trial, plan.space, plan.seed):
+                            trial = self._ask(plan, study)  # the point queued in its place
                     claim(trial, self.machine)
                     return plan, study, trial
         return None
+
+    def _ask(self, plan: Plan, study: optuna.Study) -> optuna.Trial:
+        try:
+            return study.ask(plan.space)
+        except ValueError as err:
+            raise FdfaError(
+                f"the search space does not fit study {study.study_name!r}: "
+                f"{one_line(err)}; use a new hydra.sweeper.study_name"
+            ) from err
 
     def _running(self) -> list[str]:
         """The running trials of every study (their worker's liveness checked first)."""
@@ -237,6 +258,15 @@ class Worker:
             with study_lock(self.studies, study)():
                 hand_back(study, trial, f"its worker was stopped ({why})")
             raise Preempted(f"stopped by {why}: trial {trial.number} handed back (queued again)")
+        if status == JobStatus.FAILED and (
+            isinstance(find_fdfa_error(result), DiskFullError) or is_disk_full(result)
+        ):  # not the params' fault, and no later trial can run either
+            with study_lock(self.studies, study)():
+                hand_back(study, trial, "the disk was full")
+            raise FdfaError(
+                f"trial {trial.number} stopped: {one_line(find_fdfa_error(result) or result)}; "
+                "free space and rerun the same command: the trial is queued again"
+            )
         return status, result
 
     def _job_value(self, trial, status, result, reporter: TrialReporter) -> float | None:

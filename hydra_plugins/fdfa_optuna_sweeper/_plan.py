@@ -30,6 +30,7 @@ class Options:
     params: Any = None
     confirm_seeds: int = 0
     seeds_per_trial: int = 1
+    storage_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.direction not in ("maximize", "minimize"):
@@ -48,6 +49,11 @@ class Options:
             raise FdfaError(
                 "need 0 < hydra.sweeper.heartbeat_interval < hydra.sweeper.grace_period, got "
                 f"{self.heartbeat_interval} and {self.grace_period}"
+            )
+        if not self.storage_timeout_s > 0:
+            raise FdfaError(
+                "hydra.sweeper.storage_timeout_s must be > 0 (seconds to wait for a locked "
+                f"study), not {self.storage_timeout_s}"
             )
         if OmegaConf.is_config(self.params):
             self.params = OmegaConf.to_container(self.params)

@@ -1,6 +1,11 @@
 """Where a study lives: an Optuna storage from a URL, the lock every worker of one study takes,
 opening (or creating) the study when many workers start at once, and the sweep dir's claim: a
-sweep dir belongs to one study (``<sweep dir>/study.yaml``)."""
+sweep dir belongs to one study (``<sweep dir>/study.yaml``).
+
+Opening a storage also checks it can be used (_journal.py: a journal file's torn last record is
+cut, a broken record refused; a locked SQLite file is waited for, saying so within seconds, for
+``hydra.sweeper.storage_timeout_s`` at most), and a storage that fails mid-sweep (locked, disk
+full) stops the worker with one line (``storage_failure``)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import fcntl
 import hashlib
 import logging
 import random
+import sqlite3
 import time
 from pathlib import Path
 
@@ -16,25 +22,105 @@ import optuna
 import sqlalchemy
 from omegaconf import OmegaConf
 
-from fdfa.errors import FdfaError
+from fdfa.errors import FdfaError, error_chain, is_disk_full
 
+from ._journal import check_journal
 from ._space import one_line
 
 log = logging.getLogger(__name__)
 
 
-def make_storage(url: str):
-    """An Optuna storage from a SQLAlchemy URL or ``journal:PATH``."""
+STORAGE_TIMEOUT_S = 300.0  # hydra.sweeper.storage_timeout_s's default (config.py)
+NOTICE_S = 2.0  # a wait for a locked SQLite file is announced after this many seconds
+
+
+def make_storage(url: str, timeout_s: float = STORAGE_TIMEOUT_S):
+    """An Optuna storage from a SQLAlchemy URL or ``journal:PATH`` (its records checked first);
+    a SQLite statement waits ``timeout_s`` at most for another process's lock."""
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url[len("journal:") :]).expanduser()
+        path = journal_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        backend = JournalFileBackend(str(path))
+        check_journal(path)
+        return JournalStorage(backend)
     kwargs = {}
-    if sqlalchemy.engine.make_url(url).get_backend_name() == "sqlite":
-        kwargs["connect_args"] = {"timeout": 120}  # wait for other workers' writes, don't fail
+    if sqlite_file(url) is not None:
+        kwargs["connect_args"] = {"timeout": timeout_s}  # other workers' writes: wait, not fail
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def journal_path(url: str) -> Path:
+    return Path(url[len("journal:") :]).expanduser()
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other storages (and in-memory SQLite)."""
+    if url.startswith("journal:"):
+        return None
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def wait_while_locked(url: str, timeout_s: float) -> None:
+    """Return once a SQLite study's file could be written (another process may hold it in a
+    transaction); say so after NOTICE_S, and raise FdfaError after ``timeout_s``."""
+    db = sqlite_file(url)
+    if db is None or not db.is_file():
+        return
+    deadline, told = time.monotonic() + timeout_s, False
+    while True:
+        wait = max(0.0, min(NOTICE_S, deadline - time.monotonic()))
+        try:
+            with contextlib.closing(sqlite3.connect(db, timeout=wait, isolation_level=None)) as c:
+                c.execute("BEGIN IMMEDIATE")  # the lock a write takes; given back at once
+                c.execute("ROLLBACK")
+            if told:
+                log.info("%s is free again: going on", db)
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err):
+                return  # not a lock (e.g. not a database): opening the study will say what
+        if time.monotonic() >= deadline:
+            raise FdfaError(locked_message(db, timeout_s))
+        if not told:
+            told = True
+            log.warning(
+                "waiting for the study's SQLite file %s: another process holds it locked (an "
+                "open transaction; see: fuser %s); giving up after %g s "
+                "(hydra.sweeper.storage_timeout_s)",
+                db,
+                db,
+                timeout_s,
+            )
+
+
+def locked_message(db: Path, timeout_s: float) -> str:
+    return (
+        f"the study's SQLite file {db} stayed locked for {timeout_s:g} s: another process holds "
+        f"a transaction open on it (find it with: fuser {db}); end that process and rerun, or "
+        "wait longer with hydra.sweeper.storage_timeout_s=<seconds>"
+    )
+
+
+def storage_failure(err: BaseException, url: str, timeout_s: float) -> FdfaError | None:
+    """One line for a storage error a user can fix (a SQLite file locked too long, a full disk),
+    found anywhere in ``err``'s chain (Optuna wraps SQLAlchemy's errors); None for others."""
+    chain = list(error_chain(err))
+    db = sqlite_file(url)
+    if db is not None and any("database is locked" in str(e).lower() for e in chain):
+        return FdfaError(locked_message(db, timeout_s))
+    full = [e for e in chain if is_disk_full(e) or "disk is full" in str(e).lower()]
+    if full:
+        return FdfaError(
+            f"no space left on the disk of the study ({printable_url(url)}) or of the sweep dir "
+            f"({one_line(full[-1], limit=80)}): free space and rerun the same command; "
+            "unfinished trials are redone"
+        )
+    return None
 
 
 def printable_url(url: str) -> str:
@@ -48,8 +134,8 @@ class StudyLock:
 
     def __init__(self, url: str, study_name: str):
         self.path = self.engine = None
-        if url.startswith("journal:"):
-            self.path = Path(url[len("journal:") :]).expanduser().with_suffix(".lock")
+        if url.startswith("journal:"):  # not <journal>.lock: Optuna's own lock file for writes
+            self.path = journal_path(url).with_name(journal_path(url).name + ".fdfa-lock")
             return
         parsed = sqlalchemy.engine.make_url(url)
         backend = parsed.get_backend_name()
@@ -94,14 +180,23 @@ class StudyLock:
             yield
 
 
-def open_study(url: str, name: str, direction: str, sampler=None, pruner=None):
-    """(study, storage, lock): the study created or loaded; many workers may do this at once."""
+def open_study(
+    url: str,
+    name: str,
+    direction: str,
+    sampler=None,
+    pruner=None,
+    timeout_s: float = STORAGE_TIMEOUT_S,
+):
+    """(study, storage, lock): the study created or loaded; many workers may do this at once.
+    A locked SQLite file is waited for ``timeout_s`` at most (hydra.sweeper.storage_timeout_s)."""
     last = None
     for attempt in range(6):
         try:
             lock = StudyLock(url, name)
             with lock():
-                storage = make_storage(url)
+                wait_while_locked(url, timeout_s)
+                storage = make_storage(url, timeout_s)
                 verbosity = optuna.logging.get_verbosity()
                 optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "Using an existing"
                 try:
@@ -122,6 +217,9 @@ def open_study(url: str, name: str, direction: str, sampler=None, pruner=None):
                 "(PostgreSQL: pip install 'psycopg[binary]')"
             ) from err
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.DuplicatedStudyError) as err:
+            failure = storage_failure(err, url, timeout_s)
+            if failure is not None:  # locked for timeout_s already, or no space: no retry
+                raise failure from err
             last = err  # two workers creating tables or the study at once: try again
             time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
     else:

@@ -77,6 +77,8 @@ class FdfaOptunaSweeperConf:
     # the next N, s+k..s+k+N-1, in confirm/seed<seed>
     seeds_per_trial: int = 1  # k: each trial trains k seeds (s..s+k-1, in <trial>/seed<seed>/
     # when k > 1); its value is their mean; the pruner sees the first seed's epochs only
+    storage_timeout_s: float = 300.0  # how long to wait for a study's SQLite file that another
+    # process holds locked (said within 2 s), then stop with one line
 
 
 cs = ConfigStore.instance()
