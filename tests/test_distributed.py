@@ -79,7 +79,7 @@ def assert_close_runs(a: Path, b: Path) -> None:
     ta, tb = rule_tensors(a), rule_tensors(b)
     assert ta.keys() == tb.keys()
     for key in ta:
-        torch.testing.assert_close(ta[key], tb[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(ta[key], tb[key], rtol=1e-4, atol=1e-5, msg=f"{a.name}: {key}")
     la = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in la] == [r["step"] for r in lb]  # one record per epoch: written once
@@ -190,6 +190,7 @@ def test_sigterm_to_one_rank_stops_both_with_last_ckpt_and_a_rerun_resumes_exact
     for rank in (0, 1):  # both stopped after the same step, saying so in one line each
         (line,) = rank_stderr(logs, rank).splitlines()
         assert line.startswith("interrupted by SIGTERM at epoch "), line
+        assert "resume with: torchrun --nproc_per_node=2 " in line  # the command that resumes
     summary = json.loads((run_dir / "summary.json").read_text())
     at_stop = torch.load(run_dir / "last.ckpt", weights_only=True)["progress"]
     assert summary["status"] == "interrupted" and summary["steps"] == at_stop["step"] > 0
