@@ -24,7 +24,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fdfa.allocator import keep_freed_memory
-from fdfa.errors import Interrupted, RunDirRefused, user_errors
+from fdfa.distributed import from_env
+from fdfa.errors import FdfaError, Interrupted, RunDirRefused, user_errors
 from fdfa.gpus import assign_job_gpu, record_machine_gpus
 from fdfa.train import train
 from fdfa.validate import CONF_DIR, preflight
@@ -66,6 +67,11 @@ def resume_command(hc) -> str:
     dir is named by the time it started, so the same command alone would start a new run)."""
     script = sys.argv[0]
     prog = f"python {script}" if Path(script).name == "run.py" else "fdfa"
+    world = from_env()
+    if world.active:  # the ranks of one run: the same torchrun (srun) command
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", world.size)
+        nodes = "--nnodes=... " if int(per_node) != world.size else ""
+        prog = f"torchrun {nodes}--nproc_per_node={per_node} {script}"
     hydra_args = [
         o for o in hc.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode="))
     ]
@@ -89,6 +95,11 @@ def main() -> None:
     if os.getcwd() not in sys.path:  # your own classes (model._target_=mynet.MyNet) from here
         sys.path.insert(1, os.getcwd())
     with user_errors():
+        if {"-m", "--multirun"} & set(sys.argv[1:]) and from_env().active:
+            raise FdfaError(
+                "a sweep under torchrun is not supported: run the sweep without torchrun (one GPU "
+                "per trial), or one run per torchrun command"
+            )
         preflight(sys.argv[1:], conf)  # unknown group options, an unwritable run dir: one line
     keep_freed_memory()  # no page-fault storms on CPU steps (fdfa/allocator.py)
     logging.raiseExceptions = False  # a full disk must not turn each log line into a traceback

@@ -60,6 +60,9 @@ class TensorData:
     """
 
     name = "tensors"
+    # Under torchrun (fdfa/distributed.py): this rank's slice of every global batch of
+    # ``ranks * batch_size`` samples; set by ``shard``. One process: rank 0 of 1.
+    rank, ranks = 0, 1
 
     @check_arguments(
         batch_size=integer(2, example=64, note=" (BatchNorm needs 2 samples per batch)"),
@@ -116,9 +119,19 @@ class TensorData:
             setattr(self, key, getattr(self, key).to(device))
         return self
 
+    def shard(self, rank: int, ranks: int) -> TensorData:
+        """Train on rank ``rank``'s slice of each global batch of ``ranks * batch_size`` samples
+        (``batch_size`` per rank). A last global batch smaller than that is left out: every rank
+        takes the same number of samples each step, so the mean of their gradients is the
+        gradient of the whole global batch."""
+        self.rank, self.ranks = int(rank), int(ranks)
+        return self
+
     @property
     def steps_per_epoch(self) -> int:
         n, b = len(self.train_y), self.batch_size
+        if self.ranks > 1:
+            return n // (b * self.ranks)
         return n // b + (1 if n % b > 1 else 0)  # a last batch of 1 would break BatchNorm
 
     def epoch_permutation(self) -> torch.Tensor:
@@ -129,8 +142,9 @@ class TensorData:
         """(x, y) batches of one epoch in the order ``perm``, from batch index ``start`` on (for a
         resumed epoch). The last partial batch is kept unless it has a single sample."""
         perm = (self.epoch_permutation() if perm is None else perm).to(self.train_y.device)
+        b, first = self.batch_size, self.rank * self.batch_size  # this rank's slice of a batch
         for i in range(start, self.steps_per_epoch):
-            idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = perm[i * b * self.ranks + first :][:b]
             yield self.transform(self.train_x[idx], train=True), self.train_y[idx]
 
     def eval_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from fdfa.distributed import from_env
 from fdfa.errors import FdfaError, RunDirRefused, user_errors
 
 LOCK_NAME = ".lock"
@@ -117,6 +118,11 @@ class RunDirCallback(Callback):
         raw = OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
         if "${now:" not in str(raw):
             return  # a fixed dir: a rerun resumes there (the run's lock keeps runs apart)
+        if from_env().active:  # each rank would claim a dir of its own
+            raise FdfaError(
+                "under torchrun every rank must write to the same run dir: name it, e.g. "
+                "hydra.run.dir=outputs/my-run (rerun the same command to resume)"
+            )
         try:
             claimed = claim_new_dir(path)
         except OSError as err:

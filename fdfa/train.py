@@ -12,6 +12,7 @@ import logging
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from fdfa import checkpoint
+from fdfa import checkpoint, distributed
 from fdfa.cuda_graph import GraphedSteps
 from fdfa.errors import DivergedError, FdfaError, Interrupted, is_disk_full, one_line
 from fdfa.interrupt import StopSignals
@@ -93,7 +94,9 @@ class Run:
         validate_config(cfg)
         self.cfg = cfg
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
-        self.files = RunFiles(out_dir)
+        self.world = distributed.from_env()  # torchrun's ranks (one process: rank 0 of 1)
+        self.files = RunFiles(out_dir) if self.world.is_main else distributed.QuietRunFiles(out_dir)
+        self._agreed_stop = None  # under torchrun: the signal every rank stops after
         self.given_names = names or {}
         # Objects with ``on_evaluation(run, record)``, called after each evaluation is logged; one
         # may raise to end the run (a sweep trial's reporter raises fdfa.sweep_job.Pruned).
@@ -114,22 +117,31 @@ class Run:
         self.files.record_config(self.record)  # the dir is this run's: record its config
 
         seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.trainer.device)
+        timeout = cfg.trainer.get("dist_timeout_s")
+        self.device = distributed.start(self.world, resolve_device(cfg.trainer.device), timeout)
         self.data = instantiate(cfg.dataset)
         self.data.setup(self.device, resize_to=cfg.model.get("input_size"))
+        if self.world.active:
+            self.data.shard(self.world.rank, self.world.size)
         self.model = instantiate(
             cfg.model, input_shape=self.data.image_shape, num_classes=self.data.num_classes
         ).to(self.device)
         self.rule = instantiate(cfg.algorithm, model=self.model)
+        sync_bn = cfg.trainer.get("sync_batchnorm", True)
+        self.model = distributed.check_batchnorm(self.model, self.rule, self.device, sync_bn)
         self.optimizer = instantiate(cfg.optimizer)(self.model.parameters())
         self.scheduler = instantiate(cfg.scheduler)(self.optimizer)
         # alignment metrics on the side of training (conf/metrics/); none without a metrics group
-        self.metrics = instantiate(cfg.metrics) if cfg.get("metrics") else None
+        measured = cfg.get("metrics") and self.world.is_main  # rank 0's shard only, logged
+        self.metrics = instantiate(cfg.metrics) if measured else None
+        distributed.seed_rank(self.world, cfg.seed)  # ranks > 0: their own random stream
         self.graphed = GraphedSteps(
             self.rule,
             self.optimizer,
             batch_size=self.data.batch_size,
-            enabled=self.device.type == "cuda" and bool(cfg.trainer.get("cuda_graph", True)),
+            enabled=self.device.type == "cuda"
+            and bool(cfg.trainer.get("cuda_graph", True))
+            and not self.world.active,  # the ranks' all-reduce sits inside the step
         )
         self.names = {
             "algorithm": type(self.rule).__name__.lower(),
@@ -147,6 +159,8 @@ class Run:
         return self
 
     def _start_loggers(self) -> None:
+        if not self.world.is_main:
+            return  # rank 0 logs
         self.loggers = [
             instantiate(c, _partial_=True)(
                 out_dir=str(self.files.dir),
@@ -174,13 +188,15 @@ class Run:
 
     def save_checkpoint(self) -> None:
         self.progress.wall_time = self.wall_time()
+        rngs = distributed.gather_objects(checkpoint.rng_state())  # one process: its own
         state = {
             "format": checkpoint.FORMAT,
             "config": self.resolved,
             "rule": self.rule.state_dict(),  # the model and the rule's feedback tensors
             "optimizers": {k: opt.state_dict() for k, opt in self._optimizers().items()},
             "scheduler": self.scheduler.state_dict(),
-            "rng": checkpoint.rng_state(),
+            "rng": rngs[0],
+            **({"rank_rng": rngs[1:]} if self.world.active else {}),  # ranks 1.. under torchrun
             "progress": asdict(self.progress),
             "records": self.records,
         }
@@ -204,6 +220,12 @@ class Run:
             ) from None
         self.records = list(ckpt["records"])
         checkpoint.set_rng_state(ckpt["rng"])
+        if self.world.active and not self.world.is_main:
+            rank_rngs = ckpt.get("rank_rng") or []  # absent or short: saved with fewer ranks
+            if self.world.rank <= len(rank_rngs):
+                checkpoint.set_rng_state(rank_rngs[self.world.rank - 1])
+            else:
+                distributed.seed_rank(self.world, self.cfg.seed + self.progress.step)
         # metrics.jsonl holds exactly the checkpoint's records: later ones will be redone
         self.files.write_records(self.records)
         p = self.progress
@@ -278,21 +300,32 @@ class Run:
         while not self.done():
             if p.perm is None:  # a new epoch
                 p.epoch += 1
-                p.perm, p.batch, p.loss_sum = data.epoch_permutation(), 0, 0.0
+                perm = distributed.same_on_all(data.epoch_permutation())  # rank 0's on all
+                p.perm, p.batch, p.loss_sum = perm, 0, 0.0
             self._train_epoch()
             stopped_mid_epoch = p.batch < data.steps_per_epoch and p.step < self._max_steps()
-            if self.stop.signum and stopped_mid_epoch:
+            if self._stop_signal() and stopped_mid_epoch:
                 self.save_checkpoint()  # mid-epoch: a rerun continues with the next batch
                 self._interrupted()
             self._end_epoch()  # writes last.ckpt
-            if self.stop.signum and not self.done():
+            if self._stop_signal(agree=True) and not self.done():
                 self._interrupted()
 
     def _max_steps(self) -> float:
         return self.cfg.trainer.max_steps or float("inf")
 
+    def _stop_signal(self, agree: bool = False) -> int | None:
+        """The signal to stop on. Under torchrun, the one the ranks agreed on at the last step
+        (``agree``: agree now), so that every rank stops after the same step."""
+        if not self.world.active:
+            return self.stop.signum
+        if agree:
+            local = self.stop.signum or self._agreed_stop
+            _, self._agreed_stop = distributed.agree(torch.zeros(()), local)
+        return self._agreed_stop
+
     def _interrupted(self):
-        p, signum = self.progress, self.stop.signum
+        p, signum = self.progress, self._stop_signal()
         name = signal.Signals(signum).name
         log.warning("%s: stopped at epoch %d, step %d; last.ckpt written", name, p.epoch, p.step)
         raise Interrupted(
@@ -336,7 +369,10 @@ class Run:
                 with self.graphed.eager():
                     used = self.metrics.feedback_before_step(rule) if measure else None  # its B
                     optimizer.zero_grad(set_to_none=True)
-                    unchecked.append(rule.train_step(x, y).loss)
+                    loss = rule.train_step(x, y).loss
+                    if self.world.active:  # the ranks' mean loss, and whether any got a signal
+                        loss, self._agreed_stop = distributed.agree(loss, self.stop.signum)
+                    unchecked.append(loss)
                     if measure or len(unchecked) >= check_every:  # before the weights change
                         loss_sum += self._check_losses(unchecked, p.step + 1)
                     if measure:
@@ -344,12 +380,13 @@ class Run:
                         measured = self.metrics.measure(rule, x, y, used)  # .grad: its update
                         self.log({"epoch": p.epoch, "step": p.step + 1, **measured})
                         t0 += time.perf_counter() - t_metrics  # out of train/samples_per_s
+                    distributed.average_gradients(self.model.parameters())  # under torchrun
                     optimizer.step()
             if len(unchecked) >= check_every:
                 loss_sum += self._check_losses(unchecked, p.step + 1)
             p.batch += 1
             p.step += 1
-            p.train_samples += len(y)
+            p.train_samples += len(y) * self.world.size  # every rank's
             if ckpt_every and p.step % ckpt_every == 0:
                 loss_sum += self._check_losses(unchecked, p.step)
                 p.loss_sum += loss_sum.item()
@@ -357,7 +394,7 @@ class Run:
                 p.train_time += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 self.save_checkpoint()
-            if p.step >= max_steps or self.stop.signum:  # a signal: stop after this step
+            if p.step >= max_steps or self._stop_signal():  # a signal: stop after this step
                 break
         loss_sum += self._check_losses(unchecked, p.step)
         p.loss_sum += loss_sum.item()  # one sync per epoch
@@ -463,7 +500,12 @@ def train(
     """Build everything from ``cfg``, train, write metrics.jsonl and summary.json; holding the
     run dir's lock (a live run there: RunDirRefused) and stopping cleanly on SIGINT/SIGTERM
     (Interrupted, after last.ckpt and summary.json are written)."""
-    with RunDirLock(out_dir), StopSignals() as stop:
-        run = Run(cfg, out_dir, names, callbacks, record=record, stop=stop)
-        run.setup()
-        return run.fit()
+    world = distributed.from_env()  # under torchrun: rank 0 holds the lock and writes the dir
+    own_group = world.active and not torch.distributed.is_initialized()
+    try:
+        with RunDirLock(out_dir) if world.is_main else nullcontext(), StopSignals() as stop:
+            run = Run(cfg, out_dir, names, callbacks, record=record, stop=stop)
+            run.setup()
+            return run.fit()
+    finally:
+        distributed.stop(world, started_here=own_group)

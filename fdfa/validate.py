@@ -54,6 +54,8 @@ RUN_CHECKS = {
     "trainer.ckpt_every_n_steps": integer(1, example=500, null=True),
     "trainer.device": DEVICE,
     "trainer.cuda_graph": boolean(),
+    "trainer.dist_timeout_s": number(600.0),  # under torchrun (fdfa/distributed.py)
+    "trainer.sync_batchnorm": boolean(),
 }
 
 

@@ -14,11 +14,16 @@ batch-averaged J_l. With ``n_directions=k`` the step averages Ĵ_l over k indepe
 B_l starts at 0 (``feedback_init=zeros``, the paper) or kaiming-uniform (``feedback_init=kaiming``,
 DFA's start). The hidden weights are then trained as in DFA with the B_l of before this step's
 update (the reference code's order).
+
+Under torchrun (fdfa/distributed.py) every rank draws its own directions on its own shard and the
+update uses the mean over the N ranks of their Ĵ_l (Adam: of B_l - Ĵ_l; EMA: of the updated B_l,
+the same since the update is linear in Ĵ_l): independent estimates, so 1/N of the variance.
 """
 
 import torch
 
 from fdfa.checks import check_arguments, fraction, one_of
+from fdfa.distributed import average_, average_gradients
 from fdfa.rules.base import (
     FEEDBACK_DECAY,
     FEEDBACK_INIT,
@@ -114,4 +119,7 @@ class FDFA(DirectFeedbackRule):
             else:
                 b.grad = torch.addmm(b_flat, tt, u.flatten(1), alpha=-1.0 / n).view_as(b)
         if self.feedback_update == "adam":
+            average_gradients(self.feedback)  # under torchrun: the ranks' mean B_l - Ĵ_l
             self.feedback_optimizer.update()
+        else:
+            average_(self.feedback)  # under torchrun: B_l from the ranks' mean Ĵ_l

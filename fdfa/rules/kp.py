@@ -17,10 +17,12 @@ terms). KP needs a weight decay: conf/algorithm/optimizer/kp_adam.yaml (and kp_s
 one. The forward scheduler (StepLR) decays W's lr only; B keeps the initial lr, as every feedback
 optimizer in fdfa. B_l starts as FA's random B_l; the step uses B_l before its update. Built in
 Python without ``feedback_optimizer``: Adam at lr 1e-4, decay 1e-3 (fdfa.rules.base.FeedbackAdam).
+Under torchrun (fdfa/distributed.py) B_l's gradient is averaged over the ranks, as W_l's is.
 """
 
 import torch
 
+from fdfa.distributed import average_gradients
 from fdfa.rules.base import FeedbackAdam
 from fdfa.rules.fa import FA
 
@@ -44,6 +46,7 @@ class KP(FA):
         for b, layer in zip(self.feedback_weights, self.layers):
             grad = layer.weight.grad
             b.grad = torch.zeros_like(b) if grad is None else grad.clone()  # W's gradient
+        average_gradients(self.feedback_weights.parameters())  # under torchrun: the ranks' mean
         step = getattr(self.feedback_optimizer, "update", self.feedback_optimizer.step)
         step()
         return out
