@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from fdfa.errors import DiskFullError, FdfaError, is_disk_full, one_line
+from fdfa.processes import pid_alive
 
 FORMAT = 1  # bump when the checkpoint layout changes
 # Config sections that may change between a run and its resumption (more epochs, another device...;
@@ -25,12 +27,15 @@ os.umask(_UMASK)
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], size_hint: int = 0) -> None:
-    """Write ``path`` through a temp file beside it whose name is unique to this writer, fsync,
-    then rename over ``path``: a crash, a signal or a full disk mid-write leaves ``path`` as it
-    was and no temp file behind. A full disk raises DiskFullError naming the folder and the space
-    needed (``size_hint`` bytes, or what was written when it ran out)."""
+    """Write ``path`` through a temp file beside it whose name is unique to this writer (and
+    holds its pid: ``.<name>.<pid>.<random>.tmp``), fsync, then rename over ``path``: a crash, a
+    signal or a full disk mid-write leaves ``path`` as it was and no temp file behind (SIGKILL's
+    goes at the next remove_stale_temps there). A full disk raises DiskFullError naming the
+    folder and the space needed (``size_hint`` bytes, or what was written when it ran out)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp's is private)
@@ -45,6 +50,24 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], size_hint: int =
         if isinstance(err, Exception) and is_disk_full(err):
             raise disk_full(path.parent, path.name, max(size_hint, written)) from None
         raise
+
+
+STALE_UNOWNED_S = 3600  # a temp file of an older fdfa (no pid in its name) is stale this old
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove the temp files of write_atomic in ``folder`` left by writers that were killed:
+    those whose pid (in the name) is not a live process here, and those without a pid (older
+    fdfa) unmodified for STALE_UNOWNED_S."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name.split(".")  # "", name..., pid, random, "tmp"
+        with contextlib.suppress(OSError):
+            if parts[-3].isdigit():
+                stale = not pid_alive(int(parts[-3]))
+            else:
+                stale = time.time() - tmp.stat().st_mtime > STALE_UNOWNED_S
+            if stale:
+                tmp.unlink()
 
 
 def disk_full(folder: Path, name: str | None = None, needed: int = 0) -> DiskFullError:

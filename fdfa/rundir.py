@@ -5,8 +5,9 @@
   blocks its rerun, and a second live run in the same dir is refused with one line.
 - ``RunDirCallback`` (``hydra.callbacks`` in conf/config.yaml): before Hydra creates the run dir,
   a dir that cannot be written is one line and exit 2 (also when it comes from an interpolation
-  or the default ``outputs/``), and a run dir named by the time (``${now:...}``) is created
-  exclusively: a second run started in the same second gets ``<name>-1``, never the same dir.
+  or the default ``outputs/``), and a run or sweep dir named by the time (``${now:...}``) is
+  created exclusively: a second run (or grid) started in the same second gets ``<name>-1``,
+  never the same dir.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -24,8 +26,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from fdfa.distributed import from_env
 from fdfa.errors import FdfaError, RunDirRefused, user_errors
-
-LOCK_NAME = ".lock"
+from fdfa.runfiles import LOCK_NAME
 
 
 class RunDirLock:
@@ -109,29 +110,47 @@ class RunDirCallback(Callback):
 
     @staticmethod
     def _check_sweep_dir(config: DictConfig) -> None:
-        check_writable(_resolved(config, "sweep"), "hydra.sweep.dir")
+        claimed = _claim_timed_dir(config, "sweep")
+        if claimed is not None:  # each job's config is composed again: it must name the dir too
+            with read_write(config.hydra.overrides):
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quote(str(claimed))}")
 
     @staticmethod
     def _claim_run_dir(config: DictConfig) -> None:
-        path = _resolved(config, "run")
-        check_writable(path, "hydra.run.dir")
-        raw = OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
-        if "${now:" not in str(raw):
-            return  # a fixed dir: a rerun resumes there (the run's lock keeps runs apart)
-        if from_env().active:  # each rank would claim a dir of its own
-            raise FdfaError(
-                "under torchrun every rank must write to the same run dir: name it, e.g. "
-                "hydra.run.dir=outputs/my-run (rerun the same command to resume)"
-            )
-        try:
-            claimed = claim_new_dir(path)
-        except OSError as err:
-            raise FdfaError(
-                f"hydra.run.dir {path} cannot be created ({err.strerror or err}); "
-                "choose another with hydra.run.dir=..."
-            ) from None
-        with read_write(config.hydra.run):
-            config.hydra.run.dir = str(claimed)
+        _claim_timed_dir(config, "run")
+
+
+def _claim_timed_dir(config: DictConfig, kind: str) -> Path | None:
+    """Check hydra.<kind>.dir (``run`` or ``sweep``); when it is named by the time, create it
+    exclusively (or ``<name>-1``...) and set it in ``config``: returns the dir claimed (None:
+    a fixed dir, where a rerun resumes; the run's lock keeps runs apart)."""
+    key = f"hydra.{kind}.dir"
+    path = _resolved(config, kind)
+    check_writable(path, key)
+    raw = OmegaConf.to_container(config.hydra[kind], resolve=False)["dir"]
+    if "${now:" not in str(raw):
+        return None
+    if kind == "run" and from_env().active:  # each rank would claim a dir of its own
+        raise FdfaError(
+            "under torchrun every rank must write to the same run dir: name it, e.g. "
+            "hydra.run.dir=outputs/my-run (rerun the same command to resume)"
+        )
+    try:
+        claimed = claim_new_dir(path)
+    except OSError as err:
+        raise FdfaError(
+            f"{key} {path} cannot be created ({err.strerror or err}); choose another with {key}=..."
+        ) from None
+    with read_write(config.hydra[kind]):
+        config.hydra[kind].dir = str(claimed)
+    return claimed
+
+
+def quote(value: str) -> str:
+    """``value`` as a Hydra override value: bare when safe, else single-quoted."""
+    if re.fullmatch(r"[\w./:@-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _resolved(config: DictConfig, kind: str) -> Path:

@@ -7,15 +7,23 @@ atomic writes, so a crash, a signal or a full disk never leaves a torn file behi
 - ``last.ckpt``: everything needed to continue exactly where the run stopped.
 - ``best.ckpt``: the model and rule state of the selected epoch.
 - ``.hydra/``: the run's config (config.yaml, hydra.yaml, overrides.yaml).
+- ``previous-<n>/``: the files of an earlier run in this dir, moved there when a run started
+  afresh here (``move_aside``), so that no file tells of another run than its neighbours.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 from fdfa import checkpoint
 from fdfa.errors import is_disk_full
+
+LOCK_NAME = ".lock"  # fdfa.rundir.RunDirLock's file: one run at a time in a dir
+# What stays when an earlier run's files are moved aside: the dir's lock and run.log (Hydra's
+# log of this process is open on it already; earlier runs' lines stay above this one's).
+KEPT = (LOCK_NAME, "run.log")
 
 
 class RunFiles:
@@ -29,6 +37,27 @@ class RunFiles:
 
     def create(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    def holds_run(self) -> bool:
+        """Whether an earlier run left results here: a summary, a checkpoint or records."""
+        if any(path.exists() for path in (self.summary, self.last, self.best)):
+            return True
+        return self.metrics.is_file() and self.metrics.stat().st_size > 0
+
+    def move_aside(self) -> Path:
+        """Move the earlier run's files into ``previous-<n>/`` (the first n free): all but KEPT
+        and earlier ``previous-*`` folders. Returns that folder."""
+        for n in itertools.count(1):
+            aside = self.dir / f"previous-{n}"
+            try:
+                aside.mkdir()
+                break
+            except FileExistsError:
+                continue
+        for entry in self.dir.iterdir():
+            if entry.name not in KEPT and not entry.name.startswith("previous-"):
+                entry.rename(aside / entry.name)
+        return aside
 
     def record_config(self, files: dict[str, str]) -> None:
         """``.hydra/<name>`` for each name -> text (once the run dir is accepted as this run's)."""

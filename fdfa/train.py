@@ -104,16 +104,23 @@ class Run:
         self.record = record or {}
         self.stop = stop or StopSignals()  # not entered: no handlers, signum stays None
         self.loggers = []  # built when training starts (a finished run starts none)
+        self.setup_s: float | None = None  # building (or restoring) and starting the loggers
 
     def setup(self) -> Run:
         """Build everything from the config, or restore it from the checkpoint to resume from
-        (``trainer.resume``); a fresh start empties metrics.jsonl. Returns the run."""
-        cfg = self.cfg
+        (``trainer.resume``); a fresh start empties metrics.jsonl, after moving an earlier run's
+        files here to ``previous-<n>/`` (RunFiles.move_aside). Returns the run."""
+        cfg, started = self.cfg, time.perf_counter()
         self.files.create()
+        checkpoint.remove_stale_temps(self.files.dir)  # left by writers killed mid-write
         resume_from = resume_source(cfg.trainer.get("resume", "auto"), self.files, self.resolved)
         resumed = checkpoint.load(resume_from) if resume_from else None
         if resumed:
             check_compatible(resumed, resume_from, self.resolved)
+        own = resume_from is not None and resume_from.resolve() == self.files.last.resolve()
+        if not own and self.world.is_main and self.files.holds_run():  # rank 0's files alone
+            aside = self.files.move_aside()  # this run's files must not mix with those
+            log.warning("an earlier run's files in %s moved to %s", self.files.dir, aside)
         self.files.record_config(self.record)  # the dir is this run's: record its config
 
         seed_everything(cfg.seed)
@@ -155,6 +162,7 @@ class Run:
             self._restore(resumed, resume_from)
         else:
             self.files.write_records([])  # a fresh start: no stale records from an earlier run
+        self._setup_started = started
         self._clock = (time.perf_counter(), self.progress.wall_time)
         return self
 
@@ -256,7 +264,9 @@ class Run:
         summary = {"status": "failed"}
         with self.stop.deferred():  # a signal now only sets stop.signum; the loop stops on it
             try:
-                self._start_loggers()
+                self._start_loggers()  # a W&B without its server may wait here a while:
+                self.setup_s = time.perf_counter() - self._setup_started  # not time_s, wall_s
+                self._clock = (time.perf_counter(), self.progress.wall_time)
                 self._fit()
                 summary["status"] = "completed"
             except BaseException as err:
@@ -482,6 +492,7 @@ class Run:
             "epochs": p.epoch - (p.perm is not None),  # finished (a stop mid-epoch: not that one)
             "steps": p.step,
             "wall_s": p.wall_time,
+            "setup_s": self.setup_s,  # this session's, before its first step (not in wall_s)
             "train/samples_per_s": p.train_samples / p.train_time if p.train_time else None,
             "device": str(self.device),  # s / epoch and samples / s mean little without it
             "data_root": self._data_root(),  # where the data came from (config.yaml keeps ${...})

@@ -130,7 +130,7 @@ def train_run(out_dir, algorithm, seed, *extra):
         )
     )
     train(cfg, out_dir, names={"algorithm": algorithm, "model": "fc", "dataset": "synthetic"})
-    (out_dir / ".hydra").mkdir()
+    (out_dir / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(cfg, out_dir / ".hydra" / "config.yaml")
     return out_dir
 
@@ -618,6 +618,21 @@ def test_a_run_resumed_elsewhere_is_listed_as_resumed_not_interrupted(tmp_path):
     result = make_report([tmp_path / "runs", tmp_path / "more"], tmp_path / "report2")
     kinds = {s.what.rsplit("/", 1)[-1]: s.kind for s in result.skipped}
     assert kinds["killed"] == "interrupted or running" and kinds["1-killed"] == "resumed elsewhere"
+
+
+def test_a_run_moved_aside_by_a_fresh_start_is_listed_not_counted(tmp_path):
+    """A fresh start (trainer.resume=never) in a dir that holds a finished run moves that run to
+    previous-1/: the report lists it as moved aside and counts only the new run."""
+    run_dir = train_run(tmp_path / "runs" / "r", "dfa", 0, "trainer.epochs=1")
+    train_run(run_dir, "dfa", 0, "trainer.epochs=2", "trainer.resume=never")
+    assert (run_dir / "previous-1" / "summary.json").is_file()
+    result = make_report([tmp_path / "runs"], tmp_path / "report")
+    runs_left_out = [s for s in result.skipped if s.kind != "plot not drawn"]
+    assert [(s.what.rsplit("/", 1)[-1], s.kind) for s in runs_left_out] == [
+        ("previous-1", "moved aside")
+    ]
+    (row,) = result.rows
+    assert [r.path for r in row.runs] == [run_dir.resolve()] and row.runs[0].summary["epochs"] == 2
 
 
 def test_each_rule_keeps_one_colour_in_every_plot_and_variants_differ_in_line(runs, tmp_path):

@@ -8,7 +8,8 @@ run is used if its summary.json says status "completed" and its metrics.jsonl ha
 evaluation record (one with epoch and test/acc); every other one is listed as skipped, with why:
 a run killed or still running says how many epochs its records and last.ckpt hold (or, when
 ``trainer.resume=latest`` continued it in a new run dir that finished, that it was resumed there),
-a run dir with unreadable files says which, the benchmark's runs (``fdfa.bench``) are left out.
+a run dir with unreadable files says which, the benchmark's runs (``fdfa.bench``) and runs moved
+aside by a fresh start in their dir (``previous-<n>/``) are left out.
 Runs of the same config and seed (a rerun) count once: the one that finished last.
 
 Runs are grouped into rows by the (dataset, model, algorithm) names of their summary.json. When

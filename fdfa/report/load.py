@@ -4,6 +4,7 @@ is left out (unfinished, unreadable, a benchmark run, a rerun of the same config
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,6 +129,12 @@ def load_run(path: Path) -> RunData:
     config = read_config(path)
     if config is None and path.parent.name == "bench":
         raise Unusable("a benchmark run (python -m fdfa.bench), not an experiment", "benchmark run")
+    if re.fullmatch(r"previous-\d+", path.name):
+        raise Unusable(
+            f"an earlier run, moved aside when a run started afresh in {path.parent}: "
+            "only the run there counts",
+            "moved aside",
+        )
     if not summary_path.is_file():
         raise unfinished_reason(path, None, config)
     try:

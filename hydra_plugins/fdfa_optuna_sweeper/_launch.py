@@ -30,6 +30,10 @@ WORKER_KEYS = (
     "hydra.sweeper.sampler.seed",
 )
 
+OWN_PROCESS_GROUP = (  # Popen's arguments for a child in a process group of its own
+    {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+)
+
 
 def resolve_n_jobs(n_jobs) -> int:
     """hydra.sweeper.n_jobs: a number, or ``auto``: one worker per GPU here (one on a CPU)."""
@@ -42,8 +46,9 @@ def resolve_n_jobs(n_jobs) -> int:
 
 def start_processes(sweep_dir, url: str, study_name: str, seed, n_jobs: int) -> list:
     """Start workers 1..n_jobs-1: this command again on the same study (or studies: a
-    benchmark's), each on its GPU; ``seed``: the sampler seed as given. Returns [(Popen, log
-    path)]."""
+    benchmark's), each on its GPU, in its own process group (a terminal's Ctrl-C reaches it once,
+    passed on by this command, as any signal to this command is: Worker.work); ``seed``: the
+    sampler seed as given. Returns [(Popen, log path)]."""
     args = [a for a in sys.argv[1:] if a.lstrip("+~").split("=", 1)[0] not in WORKER_KEYS]
     gpus = machine_gpus()
     procs = []
@@ -62,7 +67,9 @@ def start_processes(sweep_dir, url: str, study_name: str, seed, n_jobs: int) -> 
         path = sweep_dir / f"worker-{i}.log"
         with path.open("ab") as out:
             cmd = [sys.executable, sys.argv[0], *args, *extra]
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, **OWN_PROCESS_GROUP
+            )
             procs.append((proc, path))
     log.info("started %d more workers; their logs: %s/worker-*.log", len(procs), sweep_dir)
     return procs

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from fdfa.errors import FdfaError
 from fdfa.interrupt import SignalHandler
+from fdfa.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,6 @@ def worker_info(machine: str) -> dict:
         "host": socket.gethostname(),
         "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),  # null: the process sees every GPU
     }
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def claim(trial: optuna.Trial, machine: str) -> None:
@@ -153,24 +144,18 @@ def fail_abandoned(study: optuna.Study, machine: str, grace_period: float) -> No
 
 
 class WorkerSignals(SignalHandler):
-    """While entered: SIGTERM and SIGINT set ``received``, are passed on to ``children`` (worker
-    processes this one started), and stop a running trial's job by raising ``Preempted`` in it
-    (only inside ``job()``, never in the middle of the sweeper's own storage calls). A trainer
-    that handles the signal itself ends its job its own way; the sweeper then sees ``received``
-    set or the job's ``interrupted`` status and hands the trial back all the same."""
+    """While entered: SIGTERM and SIGINT set ``received`` and stop a running trial's job by
+    raising ``Preempted`` in it (only inside ``job()``, never in the middle of the sweeper's own
+    storage calls). A trainer that handles the signal itself ends its job its own way; the
+    sweeper then sees the job's ``interrupted`` status and hands the trial back all the same.
+    Either way the signal reaches this worker's own workers (fdfa.interrupt.passing_signals_to)."""
 
-    def __init__(self, children=()):
-        self.children = children  # a list of Popen; read when a signal comes
+    def __init__(self):
         self.received: str | None = None  # the name of the first signal
         self._in_job = False
 
     def _handle(self, signum, frame) -> None:
-        first = self.received is None
         self.received = self.received or signal.Signals(signum).name
-        if first:
-            for child in self.children:
-                with contextlib.suppress(OSError):
-                    child.send_signal(signum)
         if self._in_job:
             self._in_job = False  # once: the job's own cleanup may take a while
             raise Preempted(f"stopped by {self.received}")

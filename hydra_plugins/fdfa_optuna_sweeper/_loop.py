@@ -8,8 +8,10 @@ neither, it waits for the running trials, then writes the results.
   the studies and none idles while a study still has trials to start;
 - the steps that decide whether another trial may start run under the study's lock
   (_storage.py), so ``n_trials`` is exact however many workers start at once;
-- a trial whose worker died is failed and queued again (_liveness.py); a worker stopped by
-  SIGTERM or SIGINT hands its trial back at once;
+- a trial whose worker died is failed and queued again (_liveness.py), at once when that worker
+  was one this one started (it is reaped, never left a zombie); a worker stopped by SIGTERM or
+  SIGINT passes the signal to the workers it started, hands its trial back at once and exits
+  when they have (``STOP_WAIT_S`` at most);
 - a job that raises fails its trial only (the reason is the trial's ``fail_reason`` user attr);
   ``fdfa.sweep_job.Pruned`` from the trial's reporter makes it PRUNED;
 - a trial's value is the best of its per-epoch objective (``objective: val/acc``: chosen on
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +38,7 @@ from hydra.utils import instantiate
 from optuna.trial import TrialState
 
 from fdfa.errors import DiskFullError, FdfaError, find_fdfa_error, is_disk_full
+from fdfa.interrupt import passing_signals_to
 from fdfa.runfiles import RunFiles
 from fdfa.sweep_job import Pruned, TrialReporter
 
@@ -59,6 +63,8 @@ from ._storage import open_study, printable_url, storage_failure
 
 log = logging.getLogger(__name__)
 
+STOP_WAIT_S = 120.0  # once told to stop, how long the workers this one started have to stop
+
 
 class Worker:
     """Worker ``index`` of a sweep over ``plans`` (one per study); ``workers``: how many this
@@ -71,6 +77,7 @@ class Worker:
         self.index, self.workers = index, workers
         self.machine = machine_id()
         self.signals = WorkerSignals()
+        self.children = []  # (Popen, log path) of the workers this one started
         self.estimated = index != 0  # only the command's own worker says how long is left
         self.failed_seeds: set = set()  # (study, seed) of confirmation runs that failed here
 
@@ -108,17 +115,21 @@ class Worker:
             seeds[0] if len(seeds) == 1 else seeds,
             type(study.pruner).__name__,
         )
-        self.signals = WorkerSignals([proc for proc, _ in children])
-        try:
-            with self.signals:
-                self._loop()
-        except Exception as err:
-            failure = storage_failure(err, self.plans[0].url, options.storage_timeout_s)
-            if failure is None:
-                raise
-            raise failure from err
+        self.signals = WorkerSignals()
+        self.children = list(children)
+        failed_children = []
+        try:  # a signal to this command reaches every worker it started, also during a job
+            with passing_signals_to(proc for proc, _ in children), self.signals:
+                try:
+                    self._loop()
+                except Exception as err:
+                    failure = storage_failure(err, self.plans[0].url, options.storage_timeout_s)
+                    if failure is None:
+                        raise
+                    raise failure from err
+                finally:
+                    failed_children = self._wait_for_children()
         finally:
-            failed_children = [c for c in children if c[0].wait() != 0]
             for plan, study, _ in self.studies:
                 try:
                     write_results(study, plan, options, config)
@@ -128,10 +139,40 @@ class Worker:
             proc, path = failed_children[0]
             raise FdfaError(f"worker pid {proc.pid} exited with code {proc.returncode}; see {path}")
 
+    def _reap_children(self) -> None:
+        """Collect the exit of any worker this one started that has ended (a dead one is then
+        gone, not a zombie: its trial is handed back by the next liveness check, at once)."""
+        for proc, path in self.children:
+            if proc.returncode is None and proc.poll() is not None and proc.returncode < 0:
+                name = signal.Signals(-proc.returncode).name
+                log.warning("worker pid %d was killed by %s (see %s)", proc.pid, name, path)
+
+    def _wait_for_children(self) -> list:
+        """Wait until the workers this one started have ended; once a signal came, for
+        STOP_WAIT_S at most (then they are killed and their trials handed back). Returns the
+        (Popen, log) of those that failed (one killed by a signal only warned: its trial was
+        handed back and redone)."""
+        deadline = None
+        while any(proc.poll() is None for proc, _ in self.children):
+            if self.signals.received and deadline is None:
+                deadline = time.monotonic() + STOP_WAIT_S
+            if deadline is not None and time.monotonic() > deadline:
+                for proc, path in self.children:
+                    if proc.poll() is None:
+                        log.warning("worker pid %d did not stop; killed (see %s)", proc.pid, path)
+                        proc.kill()
+                        proc.wait()
+                self._running()  # hands their trials back
+                break
+            time.sleep(0.1)
+        self._reap_children()
+        return [(proc, path) for proc, path in self.children if proc.returncode > 0]
+
     def _loop(self) -> None:
         told = False
         while True:
             self.signals.stop_if_told()
+            self._reap_children()
             job = self._next_trial()
             if job is not None:
                 self._run_trial(*job)
@@ -255,6 +296,7 @@ class Worker:
             or job_status(job_dir) == "interrupted"  # the trainer handled the signal itself
         ):
             why = self.signals.received or getattr(result, "signal_name", None) or "interrupted"
+            self.signals.received = why  # also when the trainer's handler took the signal
             with study_lock(self.studies, study)():
                 hand_back(study, trial, f"its worker was stopped ({why})")
             raise Preempted(f"stopped by {why}: trial {trial.number} handed back (queued again)")

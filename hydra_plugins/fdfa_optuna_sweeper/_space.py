@@ -3,7 +3,6 @@ and sampled values back as override text."""
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from typing import Any
 
@@ -13,16 +12,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from fdfa import errors
 from fdfa.errors import FdfaError
+from fdfa.rundir import quote
 
 # Hydra's, Optuna's and the databases' messages explain themselves on later lines: keep them all
 one_line = partial(errors.one_line, limit=400, whole=True)
-
-
-def quote(value: str) -> str:
-    """``value`` as a Hydra override value: bare when safe, else single-quoted."""
-    if re.fullmatch(r"[\w./:@-]+", value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def override_value(value: Any) -> str:
