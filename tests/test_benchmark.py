@@ -175,6 +175,7 @@ def test_benchmark_runs_every_rule_then_seeds_then_the_report(finished_benchmark
         assert output.count(f"[{rule}] trial ") == 3, output
         assert output.count(f"[{rule}] seed ") == 2
     assert "trial(s) left" in output and "seed run(s) left" in output
+    assert "overall [" not in output  # not on a terminal: no progress bar, the lines alone
     assert f"report: {sweep_dir / 'report' / 'results.md'}" in output
 
 
