@@ -266,6 +266,9 @@ def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path):
     )
     results = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert dict(results.trials) == {"complete": 2, "pruned": 1, "fail": 1}
+    # every finished trial has its progress line, a failed one too
+    best = f"best {max(good.value, good2.value):.4f}"
+    assert f"trial 3 failed (the reason: the warning above); {best}" in res.stdout + res.stderr
 
 
 @pytest.mark.slow
