@@ -83,7 +83,10 @@ def _one_line(err: BaseException) -> str:
 
 def run_name(names: dict | None, run_config: dict, kind: str = "train") -> str:
     """``<algorithm>-<model>-<dataset>-seed<seed>``, then ``-trial<n>`` in an Optuna sweep and
-    ``-confirm`` for a confirmation run: what W&B and the HParams tables show for a run."""
+    ``-confirm`` for a confirmation run: what W&B and the HParams tables show for a run. In a
+    benchmark the rule (``fdfa_ema``) stands in for the algorithm's name (``fdfa``)."""
+    rule = job_of(run_config)["rule"]
+    names = {**names, "algorithm": rule} if names and rule else names
     parts = [str(v) for v in (names or {}).values() if v]
     if run_config.get("seed") is not None:
         parts.append(f"seed{run_config['seed']}")
@@ -105,10 +108,11 @@ def multirun_group() -> str | None:
 class WandbLogger:
     """One Weights & Biases run per training run (``logger=wandb``).
 
-    The run is named by :func:`run_name`; runs of one multirun share a group (``group``; else the
-    study's name, ``sweep_job.group``, else the sweep dir's name); ``job_type`` (else the config's
-    ``sweep_job.kind``) tells train, trial and confirm runs apart. The resolved config goes to the
-    W&B config, the algorithm, model and dataset names to its tags (after ``tags``), every record
+    The run is named by :func:`run_name`; runs of one multirun share a group (``group``; else
+    ``sweep_job.group``: the study's name, or a benchmark's for all its rules' runs; else the sweep
+    dir's name); ``job_type`` (else the config's ``sweep_job.kind``) tells train, trial and
+    confirm runs apart. The resolved config goes to the W&B config, the algorithm, model and
+    dataset names (and a benchmark's rule) to its tags (after ``tags``), every record
     (``step`` included) to its history at the record's ``step``, and the final summary dict to its
     summary. Evaluation metrics use ``epoch`` as their x-axis, alignment metrics ``step``.
     ``finish`` ends the W&B run with exit
@@ -164,6 +168,7 @@ class WandbLogger:
         kind = job["kind"]
         tags = [str(t) for t in (tags or [])]
         tags += [str(v) for v in (names or {}).values() if v]
+        tags += [str(job["rule"])] if job["rule"] else []
         id_file = Path(out_dir) / self.ID_FILE
         run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
         wandb_dir = Path(dir or os.environ.get("WANDB_DIR") or out_dir)
@@ -267,7 +272,8 @@ def supersede_offline_sessions(wandb_root: Path, run_id: str) -> None:
 
 def hparams(run_config: dict, names: dict | None) -> dict:
     """A run's entry in TensorBoard's HParams tab: algorithm, model, dataset, optimizer, lr,
-    batch size, the rule's settings (feedback lr, momentum, ...), seed and Optuna trial number."""
+    batch size, the rule's settings (feedback lr, momentum, ...), seed, Optuna trial number, the
+    stage (``sweep_job.kind``: train, trial or confirm) and a benchmark's rule."""
     algorithm = run_config.get("algorithm") or {}
     optimizer = run_config.get("optimizer") or {}
     values = {
@@ -278,6 +284,8 @@ def hparams(run_config: dict, names: dict | None) -> dict:
         **{k: v for k, v in algorithm.items() if not k.startswith("_")},
         "seed": run_config.get("seed"),
         "trial": job_of(run_config)["number"],
+        "stage": job_of(run_config)["kind"],
+        "rule": job_of(run_config)["rule"],
     }
     return {k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}
 

@@ -1,4 +1,5 @@
-"""Where a run stands (saved in every checkpoint) and the per-epoch timing line with its ETA."""
+"""Where a run stands (saved in every checkpoint), the per-epoch timing line with its ETA, and a
+sweep's overall progress bar with the ETA of all its runs (trials and seed runs)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,28 @@ def timing_line(times: list[float], epochs_done: int, epochs_left: int) -> str:
     since_start, epoch_s = times[-1], times[-1] - (times[-2] if len(times) > 1 else 0.0)
     text = f"epoch {epoch_s:.1f} s, {since_start:.1f} s since start"
     if epochs_left > 0:
-        eta = round(since_start / epochs_done * epochs_left)
-        h, m, sec = eta // 3600, eta // 60 % 60, eta % 60
-        clock = f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s" if m else f"{sec} s"
-        text += f", ETA {clock} for {epochs_left} more epoch{'s' if epochs_left > 1 else ''}"
+        eta = since_start / epochs_done * epochs_left
+        text += f", ETA {clock(eta)} for {epochs_left} more epoch{'s' if epochs_left > 1 else ''}"
     return text
+
+
+def clock(seconds: float) -> str:
+    """'1h 02m', '16m 05s' or '7 s'."""
+    whole = round(seconds)
+    h, m, sec = whole // 3600, whole // 60 % 60, whole % 60
+    return f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s" if m else f"{sec} s"
+
+
+def overall_bar(done: int, total: int, elapsed: float, done_here: int, width: int = 24) -> str:
+    """'[#########...............] 6/16 runs, 2m 00s, ETA 3m 20s': ``done`` of ``total`` runs
+    finished (trials and seed runs, earlier commands' included), ``elapsed`` seconds since this
+    command started, in which ``done_here`` of them finished; the ETA is the mean time per run
+    finished here times the runs left (a rate over all workers, so it counts their overlap)."""
+    done = min(max(done, 0), total)
+    filled = round(width * done / total) if total else width
+    text = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} runs, {clock(elapsed)}"
+    if done >= total:
+        return text + ", all done"
+    if done_here < 1:
+        return text + ", ETA after the first run"
+    return text + f", ETA {clock(elapsed / done_here * (total - done))}"

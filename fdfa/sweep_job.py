@@ -2,9 +2,11 @@
 reports back. Two explicit links, nothing else:
 
 - the config node ``sweep_job`` (conf/config.yaml): ``kind`` (``train``, ``trial`` or
-  ``confirm``), the trial's ``number`` and the study's name as ``group``. The sweeper sets it by
-  overrides for each job it runs, so a run's .hydra/config.yaml says how it ran; the loggers read
-  it (W&B's group, job type and run name) through :func:`job_of`, and the report ignores it.
+  ``confirm``), the trial's ``number``, the study's name as ``group`` (a benchmark's name for
+  all its rules' jobs) and, in a benchmark, the ``rule`` the job belongs to. The sweeper sets it
+  by overrides for each job it runs, so a run's .hydra/config.yaml says how it ran; the loggers
+  read it (W&B's group, job type, tags and run name; TensorBoard's hparams) through
+  :func:`job_of`, and the report ignores it.
 - the trainer callbacks given to the task function (``fdfa.cli.task(cfg, callbacks)``): for a
   trial, a :class:`TrialReporter` that reports the objective after each evaluation and ends the
   job by raising :class:`Pruned` when the trial's pruner says so.
@@ -35,6 +37,7 @@ def job_of(run_config: dict) -> dict:
         "kind": node.get("kind") or "train",
         "number": node.get("number"),
         "group": node.get("group"),
+        "rule": node.get("rule"),
     }
 
 

@@ -175,6 +175,7 @@ def test_benchmark_runs_every_rule_then_seeds_then_the_report(finished_benchmark
         assert output.count(f"[{rule}] trial ") == 3, output
         assert output.count(f"[{rule}] seed ") == 2
     assert "trial(s) left" in output and "seed run(s) left" in output
+    assert "overall [" not in output  # not on a terminal: no progress bar, the lines alone
     assert f"report: {sweep_dir / 'report' / 'results.md'}" in output
 
 
@@ -233,3 +234,25 @@ def test_benchmark_on_two_workers_killed_midway_resumes_without_redoing(tmp_path
         t.user_attrs[WORKER_ATTR]["pid"] for s in studies(sweep_dir).values() for t in counted(s)
     }
     assert len(workers) >= 3  # the first command's two workers and the rerun's
+
+
+@pytest.mark.slow
+def test_benchmark_through_submitit_local(tmp_path):
+    """The benchmark's workers as two submitit_local jobs: the same counts as on one local
+    worker, each job ran trials, and the command itself ran none."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install '.[cluster]'")
+    sweep_dir = tmp_path / "bench"
+    # each job runs a trial before any trial trains (HeldData waits for the meeting)
+    met = [SLOW[0], *meeting_of(2, tmp_path / "met")]
+    proc = bench_cli(
+        sweep_dir, "hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2", *met, popen=True
+    )
+    out = finish(proc, 400)
+    assert proc.returncode == 0, out
+    check_finished_benchmark(sweep_dir)
+    workers = {
+        t.user_attrs[WORKER_ATTR]["pid"] for s in studies(sweep_dir).values() for t in counted(s)
+    }
+    assert len(workers) == 2 and proc.pid not in workers
+    assert sorted(p.name for p in (sweep_dir / "workers").iterdir()) == ["0", "1"]
+    assert f"report: {sweep_dir / 'report' / 'results.md'}" in out

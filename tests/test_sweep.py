@@ -104,11 +104,11 @@ def test_trial_reporter_reports_each_epoch_and_prunes():
 
 def test_a_job_reads_its_link_from_the_sweep_job_node():
     """The one config node a sweeper sets (conf/config.yaml), with defaults for older configs."""
-    assert job_of({}) == {"kind": "train", "number": None, "group": None}
+    assert job_of({}) == {"kind": "train", "number": None, "group": None, "rule": None}
     cfg = compose_sweep("lr")
     assert job_of(OmegaConf.to_container(cfg)) == job_of({})
-    node = {"sweep_job": {"kind": "trial", "number": 3, "group": "lr-bp"}}
-    assert job_of(node) == {"kind": "trial", "number": 3, "group": "lr-bp"}
+    node = {"sweep_job": {"kind": "trial", "number": 3, "group": "lr-bp", "rule": None}}
+    assert job_of(node) == node["sweep_job"]
     # a checkpoint written before the node existed still resumes (fdfa/checkpoint.py)
     assert checkpoint.config_differences({"seed": 0}, {"seed": 0, **node}) == []
 
@@ -266,6 +266,9 @@ def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path):
     )
     results = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert dict(results.trials) == {"complete": 2, "pruned": 1, "fail": 1}
+    # every finished trial has its progress line, a failed one too
+    best = f"best {max(good.value, good2.value):.4f}"
+    assert f"trial 3 failed (the reason: the warning above); {best}" in res.stdout + res.stderr
 
 
 @pytest.mark.slow

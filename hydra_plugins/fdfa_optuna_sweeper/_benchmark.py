@@ -20,7 +20,11 @@ It is the sweeper run over several studies at once, nothing more:
 - once every rule's confirmation runs are done, the report (fdfa.report.make_report) of all of
   them goes to ``<sweep dir>/report/``, each row with the params its rule's study chose and the
   trials it took. A rerun of the command resumes every stage: finished trials and seed runs stay,
-  the report is written again from them.
+  the report is written again from them;
+- W&B (a ``wandb`` logger): every job of the benchmark is in one W&B group, the benchmark's name
+  (``sweep_job.group``), with job type ``trial`` or ``confirm`` and its rule as a tag
+  (``sweep_job.rule``); each rule's study run (``study-<study>``) is in that group too, and the
+  benchmark's own run (job type ``benchmark``) holds the report's table.
 
 The benchmark node is the sweeper's: jobs get ``~benchmark`` (it is not in their config, so it
 neither enters a study's settings nor a run's).
@@ -104,9 +108,11 @@ def trials_text(study: optuna.Study) -> str:
     return f"{len(counted)}" + (f" ({', '.join(extra)})" if extra else "")
 
 
-def write_report(sweep_dir: Path, plans, studies, seeds: int) -> Path | None:
-    """<sweep dir>/report/ from every rule's confirmation runs, once all are done (else None)."""
+def write_report(sweep_dir: Path, plans, studies, seeds: int, config=None) -> Path | None:
+    """<sweep dir>/report/ from every rule's confirmation runs, once all are done (else None);
+    with a wandb logger in ``config``, also the benchmark's W&B run with the report's table."""
     from fdfa.report import make_report
+    from fdfa.study_report import log_benchmark
 
     tuned = {}
     for plan, study in zip(plans, studies):
@@ -118,4 +124,6 @@ def write_report(sweep_dir: Path, plans, studies, seeds: int) -> Path | None:
         tuned[confirm_dir] = {"params": marker["params"], "trials": trials_text(study)}
     out = sweep_dir / REPORT_DIR
     make_report(list(tuned), out, tuned=tuned)
+    if config is not None:
+        log_benchmark(out, plans[0].group, config)
     return out

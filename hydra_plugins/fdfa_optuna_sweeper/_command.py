@@ -60,7 +60,7 @@ class SweepCommand:
                 rule_args = rule_arguments(bench, rule, arguments, rule_dir)
                 params = flat_params(bench.spaces[rule].get("params"))
                 plan = self._plan(params, rule_args, rule_dir, f"{study_name}-{rule}", url)
-                plans.append(replace(plan, label=rule))
+                plans.append(replace(plan, label=rule, group=study_name))
         for plan in plans:
             claim_sweep_dir(plan.sweep_dir, plan.study_name, plan.url)  # or refuse
             study, _, lock = self._open(plan)
@@ -81,7 +81,7 @@ class SweepCommand:
             lines = closing_lines(sweep_dir)
         else:
             studies = [self._open(p)[0] for p in plans]
-            report = write_report(sweep_dir, plans, studies, bench.seeds)
+            report = write_report(sweep_dir, plans, studies, bench.seeds, self.config)
             lines = [f"results: {sweep_dir}/<rule>/optimization_results.yaml"]
             if report is None:
                 lines.append("report: not yet (confirmation runs missing): rerun the command")

@@ -28,7 +28,6 @@ from optuna.trial import TrialState
 from fdfa.protocol import mean_ci
 from fdfa.runfiles import RunFiles
 
-from ._jobs import link_overrides
 from ._plots import write_atomic
 from ._space import job_overrides, one_line
 
@@ -89,7 +88,7 @@ def confirm_one(study, plan, n: int, runner, signals, lock, skip: set) -> bool:
             if not mine or confirmed_value(run_dir) is not None:
                 continue
             signals.stop_if_told()
-            link = link_overrides("confirm", plan.study_name)
+            link = plan.links("confirm")
             subdir = f"hydra.sweep.subdir=confirm/seed{seed}"
             overrides = job_overrides(plan.fixed, best.params, f"seed={seed}", subdir, *link)
             log.info("confirmation run, seed %d, of trial %d's params", seed, best.number)
@@ -99,7 +98,12 @@ def confirm_one(study, plan, n: int, runner, signals, lock, skip: set) -> bool:
                 ret.return_value  # noqa: B018  (raises the job's error)
             except Exception as err:
                 skip.add((plan.study_name, seed))
-                log.warning("confirmation run seed %d failed: %s", seed, one_line(err))
+                log.warning(
+                    "%sconfirmation run seed %d failed: %s",
+                    f"[{plan.label}] " if plan.label else "",
+                    seed,
+                    one_line(err),
+                )
                 return True
             left = sum(confirmed_value(confirm_dir / f"seed{s}") is None for s in seeds)
             value = confirmed_value(run_dir)

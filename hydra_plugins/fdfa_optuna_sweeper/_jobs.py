@@ -13,13 +13,17 @@ from hydra.core.utils import JobReturn, JobStatus
 from ._space import quote
 
 
-def link_overrides(kind: str, group: str, number: int | None = None) -> list[str]:
-    """The overrides that set a job's ``sweep_job`` node (conf/config.yaml)."""
+def link_overrides(
+    kind: str, group: str, number: int | None = None, rule: str | None = None
+) -> list[str]:
+    """The overrides that set a job's ``sweep_job`` node (conf/config.yaml); ``rule``: a
+    benchmark's rule (None: not a benchmark)."""
     number_text = "null" if number is None else str(number)
     return [
         f"sweep_job.kind={kind}",
         f"sweep_job.number={number_text}",
         f"sweep_job.group={quote(group)}",
+        f"sweep_job.rule={'null' if rule is None else quote(rule)}",
     ]
 
 

@@ -43,7 +43,7 @@ from fdfa.runfiles import RunFiles
 from fdfa.sweep_job import Pruned, TrialReporter
 
 from ._confirm import confirm_one
-from ._jobs import JobRunner, job_result, link_overrides
+from ._jobs import JobRunner, job_result
 from ._liveness import (
     Heartbeat,
     Preempted,
@@ -55,6 +55,7 @@ from ._liveness import (
     machine_id,
     places_taken,
 )
+from ._overall import OverallProgress
 from ._plan import Options, Plan
 from ._repeats import repeated, replace_repeat, resume_seed
 from ._results import remaining_time, write_results
@@ -80,6 +81,7 @@ class Worker:
         self.children = []  # (Popen, log path) of the workers this one started
         self.estimated = index != 0  # only the command's own worker says how long is left
         self.failed_seeds: set = set()  # (study, seed) of confirmation runs that failed here
+        self.overall = None  # the overall progress bar (_overall.py), on a terminal only
 
     def work(self, config, children=()) -> None:
         """Trials until every study is complete, the confirmation runs, the results (written
@@ -118,6 +120,10 @@ class Worker:
         self.signals = WorkerSignals()
         self.children = list(children)
         failed_children = []
+        if self.index == 0:  # the command's own worker: on a terminal, the bar of all runs
+            self.overall = OverallProgress.on_terminal(
+                self.studies, options.n_trials, options.confirm_seeds
+            )
         try:  # a signal to this command reaches every worker it started, also during a job
             with passing_signals_to(proc for proc, _ in children), self.signals:
                 try:
@@ -173,6 +179,8 @@ class Worker:
         while True:
             self.signals.stop_if_told()
             self._reap_children()
+            if self.overall is not None:
+                self.overall.draw()  # when a run finished since the last bar
             job = self._next_trial()
             if job is not None:
                 self._run_trial(*job)
@@ -277,7 +285,7 @@ class Worker:
 
     def _run_job(self, plan, study, trial, extra, reporter):
         """(status, result) of one job of ``trial``; a stopped worker hands the trial back."""
-        link = link_overrides("trial", plan.study_name, trial.number)
+        link = plan.links("trial", trial.number)
         overrides = job_overrides(plan.fixed, trial.params, *extra, *link)
         job_dir = plan.sweep_dir / str(trial.number)  # as the default subdir has it
         try:
@@ -337,6 +345,7 @@ class Worker:
             return
         else:
             self._fail(study, trial, result)
+        self._progress(plan, study, trial, "failed (the reason: the warning above)")
 
     def _progress(self, plan: Plan, study: optuna.Study, trial, what: str) -> None:
         """One line per finished trial: its study's label, the trial, the best so far, what is

@@ -11,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdfa.errors import FdfaError
 
+from ._jobs import link_overrides
+
 
 @dataclass
 class Options:
@@ -74,6 +76,12 @@ class Plan:
     settings: dict = field(default_factory=dict)  # what every trial shares (_settings.py)
     label: str = ""  # how progress lines name this study (a benchmark: its rule)
     seeds_per_trial: int = 1  # k: each trial trains seeds trial_seed..trial_seed+k-1
+    group: str = ""  # the W&B group of its jobs: a benchmark's name ("": the study's name)
+
+    def links(self, kind: str, number: int | None = None) -> list[str]:
+        """The ``sweep_job`` overrides of one of its jobs (``kind``: trial or confirm): its W&B
+        group, and a benchmark's rule."""
+        return link_overrides(kind, self.group or self.study_name, number, self.label or None)
 
     def trial_seeds(self) -> list[int]:
         """The seeds every trial trains: s..s+k-1."""

@@ -74,7 +74,7 @@ def write_results(study: optuna.Study, plan: Plan, options: Options, config: Dic
     write_atomic(sweep_dir / RESULTS_FILE, OmegaConf.to_yaml(results))
     if states["complete"]:
         save_plots(study, sweep_dir)
-    log_study(study, sweep_dir, config)  # the study's W&B run, when jobs log to W&B
+    log_study(study, sweep_dir, config, plan.group or None)  # its W&B run, when jobs log there
 
 
 def closing_lines(sweep_dir: Path) -> list[str]:
