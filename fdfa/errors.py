@@ -157,10 +157,10 @@ def machine_refusal(err: BaseException, resume: str) -> FdfaError | None:
         return None
     for e in error_chain(err):
         if isinstance(e, OSError) and e.errno in NOT_PERMITTED and e.filename:
-            path = str(e.filename)
-            what = path if os.path.exists(path) else f"the folder {os.path.dirname(path)}"
+            path = str(e.filename)  # a file to change, or one a write would have made
+            what = f"change {path}" if os.path.exists(path) else f"write in {os.path.dirname(path)}"
             return FdfaError(
-                f"{path}: {e.strerror}; make {what} writable (chmod u+w, or chattr -i if "
+                f"cannot {what} ({e.strerror}): make it writable (chmod u+w, or chattr -i if "
                 f"immutable), then {resume}"
             )
         if isinstance(e, MemoryError) or re.search(r"out of memory|can't allocate", str(e)):

@@ -4,18 +4,27 @@ line that says what to do, exit code 2, and where it can be, before anything is 
 In-process for the check itself (fast); one command each (slow) for the line the user sees."""
 
 import contextlib
+import gzip
 import os
+import shlex
 import subprocess
 
 import pytest
 import torch
 
-from fdfa.data import TensorData, check_labels
+from fdfa.data import TensorData, TorchvisionData, check_labels
 from fdfa.errors import FdfaError, OptionError, RunDirRefused, machine_refusal
 from fdfa.loggers import WandbLogger
 from fdfa.train import train
 from fdfa.validate import preflight, validate_config
-from tests.helpers import PrototypeData, compose_config, run_cli, synthetic_overrides
+from tests.helpers import (
+    REPO,
+    PrototypeData,
+    compose_config,
+    mnist_raw,
+    run_cli,
+    synthetic_overrides,
+)
 
 # ---- refused before anything is built: the config layer ---------------------------------
 
@@ -185,15 +194,15 @@ def test_a_path_that_may_not_change_is_one_line_naming_it(tmp_path):
     kept.write_text("")
     err = PermissionError(1, "Operation not permitted", str(kept))
     assert str(machine_refusal(err, "resume with: X")) == (
-        f"{kept}: Operation not permitted; make {kept} writable (chmod u+w, or chattr -i if "
-        "immutable), then resume with: X"
+        f"cannot change {kept} (Operation not permitted): make it writable (chmod u+w, or "
+        "chattr -i if immutable), then resume with: X"
     )
     temp = tmp_path / ".metrics.jsonl.abc.tmp"  # a file the write would have made
     try:
         raise RuntimeError("wrapped") from PermissionError(13, "Permission denied", str(temp))
     except RuntimeError as wrapped:
         line = str(machine_refusal(wrapped, "resume"))
-    assert line.startswith(f"{temp}: Permission denied; make the folder {tmp_path} writable")
+    assert line.startswith(f"cannot write in {tmp_path} (Permission denied): make it writable")
     assert machine_refusal(FileNotFoundError(2, "No such file", str(temp)), "") is None
     assert machine_refusal(ValueError("a bug"), "") is None
 
@@ -289,25 +298,32 @@ def test_cli_an_unquoted_path_with_a_space_is_one_line_and_creates_nothing(tmp_p
 def test_cli_a_damaged_checkpoint_is_one_line_and_the_run_dir_stays(finished_run, tmp_path):
     ckpt = torch.load(finished_run / "last.ckpt", weights_only=True)
     torch.save(damaged(ckpt, "no rng"), tmp_path / "last.ckpt")
+    before = (tmp_path / "last.ckpt").read_bytes()
     res = run_cli([*SMALL, "trainer.epochs=2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert one_error_line(res) == (
         f"error: checkpoint {tmp_path / 'last.ckpt'} is damaged: its field rng is missing; "
         "resume from another checkpoint (trainer.resume=<path>), or start over here with "
         "trainer.resume=never"
     )
-    assert written(tmp_path) == ["last.ckpt"]
+    assert (tmp_path / "last.ckpt").read_bytes() == before
+    assert written(tmp_path) == ["last.ckpt", "run.log"]  # run.log: Hydra's, empty
+    assert (tmp_path / "run.log").read_text() == ""
+
+
+def chattr(flag: str, path) -> bool:
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
 
 
 @contextlib.contextmanager
-def immutable(path):
-    """``path`` made immutable (chattr +i: refused even to root) while inside; skip where the
-    machine does not allow it."""
-    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+def unfrozen_after(path):
+    """Skip where ``chattr +i`` (immutable, refused even to root) is not allowed; ``path`` is
+    made mutable again when the test ends, whatever froze it."""
+    if not (chattr("+i", path) and chattr("-i", path)):
         pytest.skip("chattr +i is not allowed here")
     try:
         yield path
     finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
+        chattr("-i", path)
 
 
 @pytest.mark.slow
@@ -315,10 +331,11 @@ def test_cli_an_undeletable_tensorboard_file_is_one_line_naming_it(tmp_path):
     old = tmp_path / "run" / "events.out.tfevents.1.old"
     old.parent.mkdir()
     old.write_text("")
-    with immutable(old):
+    with unfrozen_after(old):
+        chattr("+i", old)
         res = run_cli([*SMALL, "logger=tensorboard", f"hydra.run.dir={old.parent}"], cwd=tmp_path)
     line = one_error_line(res)
-    assert line.startswith(f"error: {old}: Operation not permitted; make {old} writable")
+    assert line.startswith(f"error: cannot change {old} (Operation not permitted): make it")
     assert "then resume with: python " in line and f"hydra.run.dir={old.parent}" in line
 
 
@@ -334,3 +351,61 @@ def test_cli_an_unwritable_wandb_dir_is_one_warning_in_the_log_and_files_in_the_
     log = (run_dir / "run.log").read_text()
     assert log.count(f"W&B's folder {tmp_path / 'a_file' / 'w'} is not writable") == 1
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+class FreezeRunDir:
+    """A logger that makes the run dir immutable at its first record (as a user's chattr +i
+    mid-run): the end of the epoch then cannot write its checkpoint."""
+
+    def __init__(self, out_dir, **_):
+        self.out_dir = out_dir
+
+    def log_metrics(self, metrics, step):
+        chattr("+i", self.out_dir)
+
+    def finish(self, summary):
+        pass
+
+
+@pytest.mark.slow
+def test_cli_a_run_dir_made_immutable_mid_run_is_one_line_naming_it(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with unfrozen_after(run_dir):  # FreezeRunDir freezes it
+        res = run_cli(
+            [*SMALL, "+logger.freeze._target_=tests.test_bad_inputs.FreezeRunDir",
+             f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+        )  # fmt: skip
+    line = one_error_line(res)
+    assert line.startswith(f"error: cannot write in {run_dir} (Operation not permitted): make it")
+    assert line.endswith(f"then resume with: {resume_line(run_dir)}")
+
+
+def resume_line(run_dir) -> str:
+    return " ".join(
+        ["python", str(REPO / "run.py"), *(shlex.quote(a) for a in SMALL)]
+        + ["+logger.freeze._target_=tests.test_bad_inputs.FreezeRunDir", f"hydra.run.dir={run_dir}"]
+    )
+
+
+@pytest.mark.slow
+def test_extracted_mnist_labels_out_of_range_are_refused_when_loading(tmp_path):
+    src = mnist_raw()
+    if not src.is_dir():
+        pytest.skip(f"real MNIST not found at {src}")
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(src / f"{name}.gz") as f:
+            (raw / name).write_bytes(f.read())
+    with gzip.open(src / "train-labels-idx1-ubyte.gz") as f:
+        labels = bytearray(f.read())
+    labels[8 + 5] = 200  # the 6th label, after the 8-byte header
+    (raw / "train-labels-idx1-ubyte").write_bytes(bytes(labels))
+    with pytest.raises(FdfaError) as err:
+        TorchvisionData("mnist", str(tmp_path), download=False)
+    assert str(err.value) == (
+        f"the train labels range over 0..200 but MNIST has 10 classes (0..9): the label files in "
+        f"{raw} are corrupt; delete the extracted files so torchvision extracts them again from "
+        "the archives"
+    )
