@@ -183,8 +183,8 @@ def per_channel_tensor(value, channels: int, key: str) -> torch.Tensor:
     if t.numel() not in (1, channels):
         raise OptionError(
             f"dataset.{key} has {t.numel()} values but the images have {channels} channel"
-            f"{'s' if channels > 1 else ''}: give one number, or {channels}; e.g. "
-            f"dataset.{key}=0.5"
+            + (f"s: give one number, or {channels}" if channels > 1 else ": give one number")
+            + f"; e.g. dataset.{key}=0.5"
         )
     return t.expand(channels).reshape(1, channels, 1, 1)
 

@@ -120,7 +120,7 @@ def test_labels_out_of_range_are_refused_when_the_data_loads():
     "mean, std, message",
     [
         ([0.1, 0.2], 0.5,
-         "dataset.mean has 2 values but the images have 1 channel: give one number, or 1; "
+         "dataset.mean has 2 values but the images have 1 channel: give one number; "
          "e.g. dataset.mean=0.5"),
         (0.5, [0.2, 0.2], "dataset.std has 2 values but the images have 1 channel"),
     ],
@@ -130,6 +130,8 @@ def test_a_mean_or_std_per_channel_must_match_the_channels(mean, std, message):
         PrototypeData(mean=mean, std=std)
     assert str(err.value) == message or str(err.value).startswith(message)
     PrototypeData(image_shape=(2, 4, 4), mean=[0.1, 0.2], std=[1.0, 2.0])  # one per channel
+    with pytest.raises(OptionError, match="have 2 channels: give one number, or 2; e.g. "):
+        PrototypeData(image_shape=(2, 4, 4), mean=[0.1, 0.2, 0.3])
 
 
 # ---- a damaged checkpoint of the right format --------------------------------------------
