@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,31 @@ def one_of(*values) -> Check:
         lambda v: v in values,
         lambda spell: " or ".join(spell(v) for v in values),
         values[0],
+    )
+
+
+def per_channel(example: float, positive: bool = False) -> Check:
+    """A finite number (> 0 with ``positive``), or a non-empty list of them (one per channel)."""
+
+    def numbers(v) -> list:
+        return list(v) if isinstance(v, Sequence) and not isinstance(v, str) else [v]
+
+    what = "a finite number > 0" if positive else "a finite number"
+    return Check(
+        lambda v: bool(numbers(v)) and all(_is_number(x) for x in numbers(v)),
+        lambda v: all(math.isfinite(x) and (x > 0 or not positive) for x in numbers(v)),
+        lambda spell: f"{what} or a list of them, one a channel",
+        example,
+    )
+
+
+def image_shape(example=(1, 28, 28)) -> Check:
+    """Channels, height and width: three integers >= 1."""
+    return Check(
+        lambda v: isinstance(v, Sequence) and len(v) == 3 and all(_is_integer(x) for x in v),
+        lambda v: min(v) >= 1,
+        lambda spell: "three integers >= 1 (channels, height, width)",
+        "[" + ",".join(map(str, example)) + "]",
     )
 
 

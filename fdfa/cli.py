@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdfa.allocator import keep_freed_memory
 from fdfa.distributed import from_env
-from fdfa.errors import FdfaError, Interrupted, RunDirRefused, user_errors
+from fdfa.errors import FdfaError, Interrupted, RunDirRefused, machine_refusal, user_errors
 from fdfa.gpus import assign_job_gpu, record_machine_gpus
 from fdfa.train import train
 from fdfa.validate import CONF_DIR, preflight
@@ -54,6 +54,12 @@ def task(cfg: DictConfig, callbacks=()) -> float:
             if single:  # a sweep's trial is handed back by the sweeper instead
                 err.how_to_resume = f"resume with: {resume_command(hc)}"
             raise
+        except Exception as err:  # a read-only run dir, a model too large: one line, not a bug
+            resume = f"resume with: {resume_command(hc)}" if single else "rerun the sweep"
+            refused = machine_refusal(err, resume)
+            if refused is None:
+                raise
+            raise refused from err
     if single:  # the last line: where it all went
         log.info("run dir %s (summary.json, metrics.jsonl, checkpoints)", hc.runtime.output_dir)
     # What a sweeper maximises: the best validation accuracy (selection on validation data);

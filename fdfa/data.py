@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fdfa.checks import check_arguments, integer, one_of
-from fdfa.errors import FdfaError, one_line
+from fdfa.checks import check_arguments, image_shape, integer, one_of, per_channel
+from fdfa.errors import FdfaError, OptionError, one_line
 
 # torchvision class name and expected raw files of each dataset name used in conf/dataset/.
 _TORCHVISION = {
@@ -71,6 +71,8 @@ class TensorData:
         split_seed=integer(example=0),
         subset=integer(2, example=1000, null=True),
         augment=one_of("none", "flip_crop"),
+        mean=per_channel(0.5),
+        std=per_channel(0.5, positive=True),  # 0 would divide every pixel by zero
     )
     def __init__(
         self,
@@ -88,6 +90,8 @@ class TensorData:
         std: float | list = 0.5,
         augment: str = "none",
     ):
+        for split, labels in (("training", train_y), ("test", test_y)):
+            check_labels(labels, num_classes, split)
         train_idx, val_idx = validation_split(len(train_y), val_size, split_seed)
         self.val_x, self.val_y = train_x[val_idx], train_y[val_idx].long()
         train_x, train_y = train_x[train_idx], train_y[train_idx]
@@ -100,8 +104,8 @@ class TensorData:
         self.test_batch_size = int(test_batch_size)
         self.augment = augment
         c = train_x.shape[1]
-        self.mean = torch.as_tensor(mean, dtype=torch.float32).expand(c).reshape(1, c, 1, 1)
-        self.std = torch.as_tensor(std, dtype=torch.float32).expand(c).reshape(1, c, 1, 1)
+        self.mean = per_channel_tensor(mean, c, "mean")
+        self.std = per_channel_tensor(std, c, "std")
         self.resize_to: int | None = None
 
     @property
@@ -171,6 +175,32 @@ class TensorData:
         if self.resize_to and x.shape[-1] != self.resize_to:
             return F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear")
         return x
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, split: str, owner: str = "", fix=""):
+    """Refuse labels outside [0, num_classes) (the model has num_classes outputs) when the data
+    loads, not as an IndexError in the loss after an epoch. ``owner`` names the dataset, ``fix``
+    says what to do."""
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise FdfaError(
+            f"the {split} labels range over {int(labels.min())}..{int(labels.max())} but "
+            f"{owner or 'the dataset'} has {num_classes} classes (0..{num_classes - 1}): "
+            + (fix or "fix the labels, or set the dataset's num_classes to cover them")
+        )
+
+
+def per_channel_tensor(value, channels: int, key: str) -> torch.Tensor:
+    """dataset.mean or dataset.std as a [1, C, 1, 1] tensor: one number for every channel, or
+    one per channel."""
+    plain = isinstance(value, (int, float, torch.Tensor))
+    t = torch.as_tensor(value if plain else list(value), dtype=torch.float32)
+    if t.numel() not in (1, channels):
+        raise OptionError(
+            f"dataset.{key} has {t.numel()} values but the images have {channels} channel"
+            + (f"s: give one number, or {channels}" if channels > 1 else ": give one number")
+            + f"; e.g. dataset.{key}=0.5"
+        )
+    return t.expand(channels).reshape(1, channels, 1, 1)
 
 
 def validation_split(n: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,6 +292,11 @@ def load_torchvision(name: str, root: str, download: bool = True):
                 f"{len(ds.targets)} labels (files swapped or mixed up); delete the extracted files "
                 "so torchvision extracts them again from the archives"
             )
+        check_labels(
+            torch.as_tensor(np.asarray(ds.targets)), len(ds.classes), split, owner=cls_name,
+            fix=f"the label files in {where} are corrupt; delete the extracted files so "
+            "torchvision extracts them again from the archives",
+        )  # fmt: skip
     return (
         _images_as_uint8_nchw(train.data),
         torch.as_tensor(np.asarray(train.targets)),
@@ -358,6 +393,7 @@ class FakeImageData(TensorData):
 
     name = "fake"
 
+    @check_arguments(image_shape=image_shape((3, 32, 32)), num_classes=integer(1, example=10))
     def __init__(
         self,
         image_shape=(3, 32, 32),

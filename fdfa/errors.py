@@ -6,6 +6,8 @@ code 2, never a traceback."""
 from __future__ import annotations
 
 import errno
+import os
+import re
 import signal
 import sys
 
@@ -141,3 +143,34 @@ def is_disk_full(err: BaseException) -> bool:
     """Whether ``err`` or an error behind it is "no space left" or "quota exceeded" (torch.save
     reports a full disk as a RuntimeError whose context is the OSError)."""
     return any(isinstance(e, OSError) and e.errno in NO_SPACE for e in error_chain(err))
+
+
+NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)  # also an immutable file (chattr +i)
+
+
+def machine_refusal(err: BaseException, resume: str) -> FdfaError | None:
+    """The one-line error for what the machine refused and the user can fix, behind ``err``: a
+    path that may not be changed (permission, an immutable file or folder, a read-only file
+    system: ``resume`` follows the fix) or memory that cannot be allocated (a model too large);
+    None for anything else (a bug, or an FdfaError: it has its line)."""
+    if find_fdfa_error(err) is not None:
+        return None
+    for e in error_chain(err):
+        if isinstance(e, OSError) and e.errno in NOT_PERMITTED and e.filename:
+            path = str(e.filename)  # a file to change, or one a write would have made
+            what = f"change {path}" if os.path.exists(path) else f"write in {os.path.dirname(path)}"
+            return FdfaError(
+                f"cannot {what} ({e.strerror}): make it writable (chmod u+w, or chattr -i if "
+                f"immutable), then {resume}"
+            )
+        if isinstance(e, MemoryError) or re.search(r"out of memory|can't allocate", str(e)):
+            wanted = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]iB)", str(e))
+            size = f" ({int(wanted[1]) / 1e9:.1f} GB wanted)" if wanted and wanted[1] else ""
+            size = f" ({wanted[2]} wanted)" if wanted and wanted[2] else size
+            building = re.search(r"full_key: ([\w.]+)", str(err))
+            where = f" building {building[1]}" if building else ""
+            return FdfaError(
+                f"out of memory{where}{size}: choose a smaller model (model.width, ...) or "
+                "dataset.batch_size, or free memory"
+            )
+    return None

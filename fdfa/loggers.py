@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from fdfa.checks import check_arguments, number
 from fdfa.errors import FdfaError, one_line
 from fdfa.sweep_job import job_of
+from fdfa.validate import unwritable_reason
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,14 @@ class WandbLogger:
         id_file = Path(out_dir) / self.ID_FILE
         run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
         wandb_dir = Path(dir or os.environ.get("WANDB_DIR") or out_dir)
+        reason = None if wandb_dir == Path(out_dir) else unwritable_reason(wandb_dir)
+        if reason:  # W&B itself would fall back to /tmp/wandb with no word in the run's log
+            log.warning(
+                "W&B's folder %s is not writable (%s): its files go to the run dir instead; "
+                "make it writable, or set logger.wandb.dir (or $WANDB_DIR) to one that is",
+                wandb_dir, reason,
+            )  # fmt: skip
+            wandb_dir = Path(out_dir)
         try:
             import wandb
         except ImportError:

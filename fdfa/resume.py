@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from fdfa import checkpoint
@@ -58,8 +59,44 @@ def latest_unfinished(files: RunFiles, config: dict) -> Path | None:
     return max(found, key=lambda path: path.stat().st_mtime)
 
 
+_ABSENT = object()
+# What last.ckpt holds (fdfa/train.py's save_checkpoint) and of which type; its "progress" holds
+# where training stands (fdfa/progress.py's Progress), each field of the type of its default.
+FIELDS = {
+    "config": dict, "rule": dict, "optimizers": dict, "scheduler": dict, "rng": dict,
+    "progress": dict, "records": list,
+}  # fmt: skip
+PROGRESS = {
+    "epoch": int, "step": int, "train_time": (int, float), "wall_time": (int, float),
+    "train_samples": int, "perm": (torch.Tensor, type(None)), "batch": int,
+    "loss_sum": (int, float),
+}  # fmt: skip
+
+
+def check_fields(ckpt: dict, path: Path) -> None:
+    """Refuse a checkpoint of the right format that lacks a field or holds one of another type
+    (written by another tool, or damaged), in one line naming the field, before anything is
+    restored from it (the run dir stays as it was)."""
+    fields = [(key, ckpt, kind) for key, kind in FIELDS.items()]
+    if isinstance(ckpt.get("progress"), dict):
+        fields += [(f"progress.{k}", ckpt["progress"], kind) for k, kind in PROGRESS.items()]
+    for key, holder, kind in fields:
+        name = key.rpartition(".")[2]
+        value = holder.get(name, _ABSENT)
+        if value is _ABSENT or not isinstance(value, kind) or isinstance(value, bool):
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            wanted = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            got = "missing" if value is _ABSENT else f"a {type(value).__name__}, not {wanted}"
+            raise RunDirRefused(
+                f"checkpoint {path} is damaged: its field {key} is {got}; resume from another "
+                "checkpoint (trainer.resume=<path>), or start over here with trainer.resume=never"
+            )
+
+
 def check_compatible(ckpt: dict, path: Path, config: dict) -> None:
-    """Refuse a checkpoint of another config (RunDirRefused: the run dir stays as it was)."""
+    """Refuse a damaged checkpoint (check_fields) or one of another config (RunDirRefused: the
+    run dir stays as it was)."""
+    check_fields(ckpt, path)
     diffs = checkpoint.config_differences(ckpt["config"], config)
     if diffs:
         raise RunDirRefused(

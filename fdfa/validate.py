@@ -10,14 +10,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import io
 import os
 import re
 import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
@@ -49,6 +52,7 @@ RUN_CHECKS = {
     "optimizer.lr": number(1e-3),
     "optimizer.weight_decay": number(0.0, strict=False),
     "scheduler.gamma": number(0.99),
+    "scheduler.step_size": integer(1, example=1),  # StepLR: 0 divides by zero after epoch 1
     "trainer.epochs": integer(1, example=10),
     "trainer.max_steps": integer(1, example=1000, null=True),
     "trainer.ckpt_every_n_steps": integer(1, example=500, null=True),
@@ -57,6 +61,8 @@ RUN_CHECKS = {
     "trainer.dist_timeout_s": number(600.0),  # under torchrun (fdfa/distributed.py)
     "trainer.sync_batchnorm": boolean(),
 }
+# The keys a run reads without a default: deleting one (~trainer.epochs) is refused at once.
+REQUIRED = ("seed", "trainer.epochs", "trainer.max_steps", "trainer.device")
 
 
 def config_text(value) -> str:
@@ -91,6 +97,13 @@ def validate_config(cfg: DictConfig) -> None:
     checks (fdfa.checks.argument_checks), before any of them is built."""
     for key in OmegaConf.missing_keys(cfg):  # ??? in a config: model=custom's _target_
         raise OptionError(f"{key} must be set (e.g. {key}=mynet.MyNet for model=custom)")
+    for key in REQUIRED:
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            example = f"{key}={config_text(RUN_CHECKS[key].example)}"
+            raise OptionError(
+                f"{key} is missing and a run needs it: remove ~{key} from the command (or give "
+                f"it a value, e.g. +{example})"
+            )
     for key, check in RUN_CHECKS.items():
         check_key(key, check, cfg)
     for node, target in _flat_keys(cfg)[1].items():
@@ -121,9 +134,11 @@ def preflight(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Command-line checks before Hydra runs: group options exist, the run dir is writable."""
     if any(
         a.startswith(("hydra.searchpath", "--config-dir", "-cd", "--info", "--help", "-h"))
+        or a in ("--version", "--hydra-help")
         for a in argv
     ):
         return  # the user brings their own configs or asks Hydra for help
+    check_grammar(command_overrides(argv))  # before anything below creates a folder
     for arg in argv:
         m = GROUP_OVERRIDE.match(arg)
         if not m or group_dir(m.group(1), conf_dir) is None:
@@ -139,6 +154,39 @@ def preflight(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         for key in ("hydra.run.dir=", "hydra.sweep.dir="):
             if arg.startswith(key):
                 _check_writable(Path(arg[len(key) :].strip("'\"")), key[:-1])
+
+
+def command_overrides(argv: list[str]) -> list[str]:
+    """The overrides among ``argv`` as Hydra's own argument parser finds them (no flags, no flag
+    values); none where it refuses ``argv`` (Hydra then says why)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return list(get_args_parser().parse_args(argv).overrides)
+    except SystemExit:
+        return []
+
+
+def check_grammar(overrides: list[str]) -> None:
+    """One line for an override Hydra's grammar refuses: Hydra's own message takes three lines
+    and comes after the run dir was created. An argument without ``=`` right after a
+    ``key=value`` is most often the rest of a value that has a space (an unquoted path)."""
+    parser = OverridesParser.create()
+    for i, arg in enumerate(overrides):
+        try:
+            parser.parse_overrides([arg])
+        except HydraException as err:
+            before = overrides[i - 1] if i else ""
+            if "=" not in arg and not arg.startswith("~") and "=" in before:
+                raise FdfaError(
+                    f"{arg!r} is not a key=value override: if it is the rest of {before} (a value "
+                    f'with a space), quote the whole argument: "{before} {arg}"'
+                ) from None
+            reason = (str(err).splitlines()[1:] or [""])[0].split(" expecting ")[0].strip()
+            raise FdfaError(
+                f"cannot read the override {arg!r} ({reason}); write key=value and quote a value "
+                "with spaces or special characters (https://hydra.cc/docs/advanced/"
+                "override_grammar/basic)"
+            ) from None
 
 
 # Classes of these packages are fdfa's own configs (conf/); a node with any other _target_ is the
@@ -172,6 +220,11 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         composed = list(_compositions(groups, conf_dir))
     except HydraException:
         return  # a bad combination of options: Hydra says which when it composes
+    deleted = {o.key_or_group for o in overrides if o.is_delete()}  # ~seed +seed=3: fine
+    _check_additions(
+        [o for o in overrides if o.type == OverrideType.ADD and o.key_or_group not in deleted],
+        composed,
+    )
     configs = [_flat_keys(cfg) for cfg in composed]
     known = set().union(*(c for c, _ in configs))
     free = {k.removesuffix("._target_") for k in keys if k.endswith("._target_")}
@@ -189,6 +242,29 @@ def check_keys(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
             _check_hydra_key(key, [cfg.hydra for cfg in composed])
         elif key not in known:
             raise FdfaError(_unknown_key_message(key, known))
+
+
+def _check_additions(additions: list[Override], composed: list[DictConfig]) -> None:
+    """Refuse ``+key=value`` where the config has ``key`` already (with a value, and ``value``
+    not a dict or list to merge into it), as Hydra would, in one line that says to drop the +."""
+    for o in additions:
+        value = None if o.is_sweep_override() else o.value()
+        for cfg in composed:
+            current = _child_at(cfg, o.key_or_group)
+            if current is not None and not isinstance(value, (dict, list)):
+                key, given = o.key_or_group, o.input_line.split("=", 1)[1]
+                raise FdfaError(
+                    f"{o.input_line} adds {key}, which the config has already ({key}: "
+                    f"{config_text(current)}): write {key}={given} to change it"
+                )
+
+
+def _child_at(cfg: DictConfig, key: str):
+    """The value at dotted ``key``, or None where it is absent or cannot be read yet."""
+    try:
+        return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 (an interpolation of Hydra's runtime)
+        return None
 
 
 def _check_hydra_key(key: str, hydra_configs: list[DictConfig]) -> None:
@@ -289,13 +365,22 @@ def _flat_keys(cfg: DictConfig) -> tuple[set[str], dict[str, str]]:
 def _unknown_key_message(
     key: str, known: set[str], lists_all: str = "python run.py --cfg job"
 ) -> str:
+    """The closest key of the same section (hydra.sweeper.n_trial: n_trials, not params), else
+    of the whole config when the section has no keys (trainr.epochs: trainer.epochs), else the
+    section's keys."""
     public = sorted(k for k in known if not k.rpartition(".")[2].startswith("_"))  # no _target_
-    candidates = [k for k in public if not key.startswith(k + ".")]  # not its own parents
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    section, _, leaf = key.rpartition(".")
+    siblings = [k.removeprefix(section + ".") for k in public if k.rpartition(".")[0] == section]
+    if siblings:
+        close = [
+            f"{section}.{k}" if section else k
+            for k in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+        ]
+    else:
+        candidates = [k for k in public if not key.startswith(k + ".")]  # not its own parents
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if close:
         return f"unknown key {key}: did you mean {close[0]}? ({lists_all} lists all)"
-    section, _, _ = key.rpartition(".")
-    siblings = [k.removeprefix(section + ".") for k in public if k.rpartition(".")[0] == section]
     if not siblings:
         return f"unknown key {key}: {section or 'the config'} has no keys to set"
     where = f"the keys of {section} are" if section else "the top-level keys are"
@@ -312,14 +397,19 @@ def _sweep_values(value: str) -> list[str]:
 def _check_writable(path: Path, key: str) -> None:
     if "${" in str(path):
         return  # interpolated: Hydra resolves it later
+    reason = unwritable_reason(path)
+    if reason:
+        raise FdfaError(
+            f"{key} {path} is not a writable folder ({reason}); choose another with {key}=..."
+        )
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why files cannot be written in the folder ``path`` (created if absent), else None."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise FdfaError(
-            f"{key} {path} is not a writable folder ({err.strerror or err}); "
-            f"choose another with {key}=..."
-        ) from None
-    if not os.access(path, os.W_OK):
-        raise FdfaError(f"{key} {path} is not writable; choose another with {key}=...")
+        return err.strerror or str(err)
+    return None if os.access(path, os.W_OK) else "not writable"
