@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import inspect
 import io
 import os
 import re
@@ -107,8 +108,35 @@ def validate_config(cfg: DictConfig) -> None:
     for key, check in RUN_CHECKS.items():
         check_key(key, check, cfg)
     for node, target in _flat_keys(cfg)[1].items():
-        for name, check in argument_checks(target_class(node, target)).items():
+        found = target_class(node, target)
+        if node in TORCH_NODES:
+            check_arguments_taken(node, target, found, cfg)
+        for name, check in argument_checks(found).items():
             check_key(f"{node}.{name}", check, cfg)
+
+
+# Nodes built from every key they hold by torch's own classes: a key the class does not take
+# (optimizer=adam on a preset that sets optimizer.momentum for SGD) fails there, in a traceback.
+TORCH_NODES = ("optimizer", "scheduler")
+
+
+def check_arguments_taken(node: str, target: str, found, cfg: DictConfig) -> None:
+    """One line naming a key of ``node`` that its class ``found`` (named ``target``) takes no
+    argument for."""
+    try:
+        params = inspect.signature(found).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: torch checks it itself
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    keys = [k for k in OmegaConf.select(cfg, node) if not str(k).startswith("_")]
+    for key in keys:
+        if key not in params:
+            taken = ", ".join(p for p in params if p not in ("self", "params", "optimizer"))
+            raise OptionError(
+                f"{node}.{key} is no argument of {target} (it takes {taken}): remove it with "
+                f"~{node}.{key}"
+            )
 
 
 def target_class(node: str, target: str):

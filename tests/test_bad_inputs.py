@@ -45,6 +45,10 @@ from tests.helpers import (
          "(channels, height, width), got [3, 0, 0]; e.g. dataset.image_shape=[3,32,32]"),
         (["dataset.image_shape=[8,8]"], "dataset.image_shape must be three integers >= 1"),
         (["model.width=1e12"], "model.width must be null or an integer >= 1, got 1000000000000.0"),
+        (["experiment=cifar10_resnet20", "optimizer=adam"],  # the preset's SGD momentum stays
+         "optimizer.momentum is no argument of torch.optim.Adam (it takes lr, betas, "),
+        (["+scheduler.milestones=[2]"], "scheduler.milestones is no argument of "
+         "torch.optim.lr_scheduler.StepLR"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_refused_by_the_config_layer(overrides, message):
