@@ -59,13 +59,14 @@ def sweep_cli(
     if not popen:
         return run_cli(args)
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **(env or {})}
+    return started([sys.executable, str(REPO / "run.py"), *args], env)
+
+
+def started(cmd: list[str], env: dict) -> subprocess.Popen:
+    """``cmd`` running in the checkout with the environment ``env``, its output (stdout and
+    stderr together) for ``finish``."""
     return subprocess.Popen(
-        [sys.executable, str(REPO / "run.py"), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 

@@ -20,7 +20,15 @@ from fdfa.processes import pid_alive
 from fdfa.train import train
 from hydra_plugins.fdfa_optuna_sweeper._liveness import WORKER_ATTR
 from tests.helpers import REPO, compose_config, run_cli, synthetic_overrides
-from tests.sweep_helpers import HeldData, finish, held_trials, load, meeting_of, sweep_cli
+from tests.sweep_helpers import (
+    HeldData,
+    finish,
+    held_trials,
+    load,
+    meeting_of,
+    started,
+    sweep_cli,
+)
 
 TINY_RUN = synthetic_overrides("model.width=32", "algorithm=bp", "trainer.epochs=1")
 
@@ -249,17 +257,8 @@ def test_two_grids_named_by_the_same_time_get_their_own_dirs(tmp_path):
     (before: both jobs wrote into the one dir's ``0/``)."""
     timed = f"hydra.sweep.dir={tmp_path}/grid/${{now:%Y}}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
-    grids = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "run.py"), "-m", "seed=0", *TINY_RUN, timed],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for _ in range(2)
-    ]
+    cmd = [sys.executable, str(REPO / "run.py"), "-m", "seed=0", *TINY_RUN, timed]
+    grids = [started(cmd, env) for _ in range(2)]
     outs = [finish(grid, 240) for grid in grids]
     assert [grid.returncode for grid in grids] == [0, 0], outs
     year = time.strftime("%Y")

@@ -34,6 +34,7 @@ from tests.sweep_helpers import (
     held_trials,
     load,
     meeting_of,
+    started,
     sweep_cli,
     wait_for,
 )
@@ -272,17 +273,8 @@ def test_slurm_array_script_tasks_share_one_journal_study(tmp_path):
     }
     args = ["sweep=lr", *TINY, "hydra.sweeper.n_trials=4", "hydra.sweeper.confirm_seeds=0", *SLOW]
     args += meeting_of(2, tmp_path / "met")
-    tasks = [
-        subprocess.Popen(
-            ["bash", str(REPO / "scripts" / "slurm_array.sh"), *args],
-            cwd=REPO,
-            env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    script = ["bash", str(REPO / "scripts" / "slurm_array.sh"), *args]
+    tasks = [started(script, {**env, "SLURM_ARRAY_TASK_ID": str(i)}) for i in range(2)]
     outputs = [finish(t, 300) for t in tasks]
     for task, out in zip(tasks, outputs):
         assert task.returncode == 0, out
