@@ -135,7 +135,8 @@ class StudyLock:
     def __init__(self, url: str, study_name: str):
         self.path = self.engine = None
         if url.startswith("journal:"):  # not <journal>.lock: Optuna's own lock file for writes
-            self.path = journal_path(url).with_name(journal_path(url).name + ".fdfa-lock")
+            journal = journal_path(url)
+            self.path = journal.with_name(journal.name + ".fdfa-lock")
             return
         parsed = sqlalchemy.engine.make_url(url)
         backend = parsed.get_backend_name()
