@@ -23,6 +23,7 @@ from fdfa.metrics import (
 )
 from fdfa.models import FCNet
 from fdfa.rules import BP, BRSF, DFA, DKP, FDFA, FGA, FGW, KP
+from fdfa.rules.base import perturbed_forward
 from fdfa.train import train
 from tests.helpers import CONF, NETS, SHAPES, compose_config, make_batch, synthetic_overrides
 
@@ -72,9 +73,10 @@ def test_dfa_on_a_fresh_net_is_far_from_bp(net):
     assert m["align/mean_cos"] < 0.5
 
 
-def per_sample_jacobians_by_brute_force(model, x):
-    """mean_n d logits[n] / d h_l[n], from the full batch Jacobian (torch.func.jacrev) of the
-    logits as a function of h_l, with BatchNorm in train mode coupling the samples."""
+def per_sample_jacobians_by_brute_force(model, x, rows=None):
+    """mean_n d logits[n] / d h_l[n] over the first ``rows`` samples (None: all), from the full
+    batch Jacobian (torch.func.jacrev) of the logits as a function of h_l, with BatchNorm in
+    train mode coupling the samples."""
     ref = copy.deepcopy(model)
     replace_all_batch_norm_modules_(ref)  # batch statistics, no buffer updates (jacrev needs it)
     hs, h = [], x
@@ -92,7 +94,7 @@ def per_sample_jacobians_by_brute_force(model, x):
             return ref.head(h)
 
         full = jacrev(logits_of)(hs[i])  # [N, C, N, *h]
-        n = x.shape[0]
+        n = x.shape[0] if rows is None else rows
         diagonal = torch.stack([full[k, :, k] for k in range(n)])  # [N, C, *h]
         targets.append(diagonal.mean(0))
     return targets
@@ -141,6 +143,48 @@ def test_feedback_target_is_the_mean_per_sample_jacobian(net, wrap):
         )
         for sums, target in zip(column_sums, got):
             assert sums.mean(1).abs().max() < 1e-5 < target.abs().max()
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_the_target_of_a_few_samples_is_their_mean_in_the_whole_batch(net):
+    """jacobian_samples=m: mean over rows 0..m-1 of d z_n / d h_n, each in the forward pass of
+    all 6 samples (BatchNorm's statistics are the batch's), not of a batch of m."""
+    torch.manual_seed(4)
+    model = NETS[net]()
+    x, _ = make_batch(SHAPES[net], n=6)
+    logits, hs, taps = side_forward(copy.deepcopy(model), x)
+    for rows in (1, 3):
+        expected = per_sample_jacobians_by_brute_force(model, x, rows)
+        got = output_jacobians(logits, hs, taps, 1e-3, samples=rows)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+        alone = per_sample_jacobians_by_brute_force(model, x[:rows].repeat(2, *[1] * (x.dim() - 1)))
+        assert not torch.allclose(got[0], alone[0], rtol=1e-2, atol=1e-4)  # not a batch of its own
+    whole = output_jacobians(logits, hs, taps)
+    for g, e in zip(output_jacobians(logits, hs, taps, samples=50), whole):  # more than the batch
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_fdfa_estimate_of_a_few_samples_is_compared_with_their_target():
+    """With jacobian_samples=m, jacobian_rel_mse compares Ĵ_l of the step's draw on rows 0..m-1
+    (t^T u_l / m) with J_l of the same rows; by hand from the same fork of the generator."""
+    torch.manual_seed(5)
+    rule, x, y = stepped(FDFA, "fc", seed=5)
+    m = 3
+    torch.manual_seed(11)
+    got = AlignmentMetrics(every_n_steps=1, jacobian_samples=m).measure(rule, x, y)
+    torch.manual_seed(11)
+    _, us, _, t = perturbed_forward(rule.model, x, 1, perturbation=rule.perturbation)
+    estimates = FDFA.jacobian_estimates(t[0, :m].detach(), [u[0, :m].detach() for u in us])
+    logits, hs, taps = side_forward(copy.deepcopy(rule.model), x)
+    targets = output_jacobians(logits, hs, taps, samples=m)
+    for name, e, j in zip(NAMES["fc"], estimates, targets):
+        expected = ((e - j).pow(2).sum() / j.pow(2).sum()).item()
+        assert got[f"estimator/{name}/jacobian_rel_mse"] == pytest.approx(expected, rel=1e-4)
+    whole = AlignmentMetrics(every_n_steps=1).measure(rule, x, y)
+    assert whole["estimator/fc1/jacobian_rel_mse"] != pytest.approx(
+        got["estimator/fc1/jacobian_rel_mse"], rel=1e-3
+    )
 
 
 def test_a_feedback_equal_to_w_out_has_cos_1_in_the_last_block():
@@ -293,6 +337,9 @@ def test_default_config_builds_and_rejects_bad_values():
         AlignmentMetrics(jacobian_chunk_mb=0)
     with pytest.raises(FdfaError, match="metrics.jacobian_metrics"):
         AlignmentMetrics(jacobian_metrics="no")
+    for bad in (0, 2.5, "8"):
+        with pytest.raises(FdfaError, match="metrics.jacobian_samples"):
+            AlignmentMetrics(jacobian_samples=bad)
 
 
 @pytest.mark.parametrize("rule_cls", [DFA, FDFA, FGW])
