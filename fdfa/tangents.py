@@ -33,6 +33,12 @@ def _private_op(owner, name: str):
 _bn_forward = _private_op(torch, "_batch_norm_impl_index")
 _bn_backward = _private_op(torch.ops.aten, "_batch_norm_impl_index_backward")
 _threshold_backward = _private_op(torch.ops.aten, "threshold_backward")
+# LayerNorm's statistics and input backward, GELU's and softmax's backward: each one fused kernel
+# where the closed forms below take several elementwise passes (and torch.var a slow one).
+_ln_stats = _private_op(torch, "native_layer_norm")
+_ln_backward = _private_op(torch.ops.aten, "native_layer_norm_backward")
+_gelu_backward = _private_op(torch.ops.aten, "gelu_backward")
+_softmax_backward = _private_op(torch.ops.aten, "_softmax_backward_data")
 
 
 def forward_with_tangent(module: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
@@ -202,17 +208,28 @@ def _max_pool(m: nn.MaxPool2d, x, t):
 
 def _layer_norm(m: nn.LayerNorm, x, t):
     """Per sample (and token), over the normalised dims: the same closed form as BatchNorm's,
-    (t - mean(t) - x_hat * mean(x_hat * t)) * gamma / std."""
+    (t - mean(t) - x_hat * mean(x_hat * t)) * gamma / std. Without gamma the input Jacobian is
+    symmetric, so LayerNorm's own backward kernel (gamma left out) applied to t gives it."""
     y = m(x)
     with torch.no_grad():
         dims = tuple(range(-len(m.normalized_shape), 0))
         xd = x.detach()
-        inv_std = torch.rsqrt(xd.var(dims, unbiased=False, keepdim=True) + m.eps)
-        x_hat = (xd - xd.mean(dims, keepdim=True)) * inv_std
-        centre = torch.addcmul(
-            t.mean(dims, keepdim=True), x_hat, (x_hat * t).mean(dims, keepdim=True)
-        )
-        tangent = (t - centre).mul_(inv_std)
+        if _ln_stats is not None:  # mean and 1/std from LayerNorm's kernel (torch.var is slow)
+            _, mean, inv_std = _ln_stats(xd, m.normalized_shape, None, None, m.eps)
+        else:
+            mean = xd.mean(dims, keepdim=True)
+            inv_std = torch.rsqrt(xd.var(dims, unbiased=False, keepdim=True) + m.eps)
+        if _ln_stats is not None and _ln_backward is not None and t.shape == x.shape:
+            only_input = [True, False, False]
+            tangent = _ln_backward(
+                t.to(xd.dtype), xd, m.normalized_shape, mean, inv_std, None, None, only_input
+            )[0].to(t.dtype)
+        else:
+            x_hat = (xd - mean) * inv_std
+            centre = torch.addcmul(
+                t.mean(dims, keepdim=True), x_hat, (x_hat * t).mean(dims, keepdim=True)
+            )
+            tangent = (t - centre).mul_(inv_std)
         return y, tangent.mul_(m.weight) if m.weight is not None else tangent
 
 
@@ -222,8 +239,19 @@ def _gelu(m: nn.GELU, x, t):
     y = m(x)
     with torch.no_grad():  # GELU'(x) = Phi(x) + x phi(x)
         xd = x.detach()
+        if _gelu_backward is not None and t.shape == x.shape and t.dtype == x.dtype:
+            return y, _gelu_backward(t, xd)  # t * GELU'(x), one kernel
         slope = torch.special.ndtr(xd) + xd * torch.exp(-0.5 * xd * xd) * (2 * torch.pi) ** -0.5
         return y, t * slope
+
+
+def softmax_tangent(a: torch.Tensor, s_t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The tangent a * (s_t - sum(a * s_t)) of a = softmax(s) along s_t (a: the output; s_t
+    may carry stacked directions in front): softmax's own backward kernel, which computes the
+    same (its Jacobian is symmetric)."""
+    if _softmax_backward is not None and s_t.dtype == a.dtype:
+        return _softmax_backward(s_t, a.detach().expand_as(s_t), dim, a.dtype)
+    return a * (s_t - (a * s_t).sum(dim, keepdim=True))
 
 
 def _dropout(m: nn.Dropout, x, t):

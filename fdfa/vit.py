@@ -28,7 +28,7 @@ from torch import nn
 
 from fdfa.checks import check_arguments, integer
 from fdfa.models import BlockNet
-from fdfa.tangents import residual_with_tangent
+from fdfa.tangents import residual_with_tangent, softmax_tangent
 
 
 class PatchEmbedding(nn.Module):
@@ -101,7 +101,7 @@ class SelfAttention(nn.Module):
         with torch.no_grad():
             q_t, k_t, v_t = self._split(t @ self.qkv.weight.t())
             s_t = (q_t @ k.transpose(-1, -2) + q @ k_t.transpose(-1, -2)) * self.scale
-            a_t = a * (s_t - (a * s_t).sum(-1, keepdim=True))
+            a_t = softmax_tangent(a, s_t)
             o_t = a_t @ v + a @ v_t
             return y, self._merge(o_t) @ self.out.weight.t()
 

@@ -45,8 +45,9 @@ def test_single_direction_matches_forward_ad(name, train_mode):
     make, shape = BLOCKS[name]
     block = make().train(train_mode)
     for m in block.modules():  # non-trivial affine parameters and running statistics
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm):
             nn.init.normal_(m.weight, 1, 0.3), nn.init.normal_(m.bias, 0, 0.3)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_var.uniform_(0.5, 2), m.running_mean.normal_()
     x = torch.randn(6, *shape)
     t = torch.randn(6, *shape)

@@ -9,29 +9,44 @@ from torch import nn
 
 from fdfa import tangents
 from fdfa.rules.base import FeedbackAdam
+from fdfa.vit import TransformerBlock
+
+BLOCKS = {  # a block and the shape of one sample
+    "linear": (lambda: nn.Sequential(nn.Linear(12, 9), nn.BatchNorm1d(9), nn.ReLU()), (12,)),
+    "conv": (
+        lambda: nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU()),
+        (3, 6, 6),
+    ),
+    "transformer": (lambda: TransformerBlock(width=8, heads=2, mlp_ratio=2), (5, 8)),
+}
+PRIVATE_OPS = (
+    "_bn_forward",
+    "_bn_backward",
+    "_threshold_backward",
+    "_ln_stats",
+    "_ln_backward",
+    "_gelu_backward",
+    "_softmax_backward",
+)
 
 
-def block(conv: bool) -> nn.Module:
-    if conv:
-        return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU())
-    return nn.Sequential(nn.Linear(12, 9), nn.BatchNorm1d(9), nn.ReLU())
-
-
-@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("kind", BLOCKS)
 @pytest.mark.parametrize("directions", [None, 3])  # one tangent, or 3 stacked
-def test_public_tangent_path_agrees_with_the_private_ops(monkeypatch, conv, directions):
+def test_public_tangent_path_agrees_with_the_private_ops(monkeypatch, kind, directions):
     torch.manual_seed(0)
-    fast = block(conv).train()
+    make, shape = BLOCKS[kind]
+    fast = make().train()
     for m in fast.modules():
-        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.LayerNorm):
             nn.init.normal_(m.weight, 1, 0.3), nn.init.normal_(m.bias, 0, 0.3)
     public = copy.deepcopy(fast)
-    x = torch.randn(8, *((3, 6, 6) if conv else (12,)))
+    x = torch.randn(8, *shape)
     t = torch.randn(*(() if directions is None else (directions,)), *x.shape)
     for _ in range(2):  # twice: running statistics move the same way each call
         y, tangent = tangents.forward_with_tangent(fast, x, t)
         with monkeypatch.context() as m:
-            for name in ("_bn_forward", "_bn_backward", "_threshold_backward"):
+            for name in PRIVATE_OPS:
+                assert hasattr(tangents, name)
                 m.setattr(tangents, name, None)  # as on a torch that lacks them
             y_pub, tangent_pub = tangents.forward_with_tangent(public, x, t)
         torch.testing.assert_close(y_pub, y)
