@@ -27,6 +27,7 @@ from fdfa import checkpoint
 from fdfa.errors import FdfaError
 from fdfa.sweep_job import Pruned, TrialReporter, job_of
 from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
+from hydra_plugins.fdfa_optuna_sweeper import _results as results
 from hydra_plugins.fdfa_optuna_sweeper import _space as space
 from hydra_plugins.fdfa_optuna_sweeper import _storage as storage
 from tests.helpers import REPO, run_cli
@@ -511,6 +512,15 @@ def test_rerun_with_other_settings_is_refused_before_any_trial(tmp_path):
     )  # resumes
     assert res.returncode == 0, res.stdout + res.stderr
     assert len(finished(load(tmp_path))) == 2
+
+
+def test_the_time_left_counts_confirmation_runs_in_waves_of_the_workers():
+    """21 trials and 18 confirmation runs on 2 workers, 1 min each: 20 waves (the workers share
+    the confirmation seeds), not 11 waves of trials and then 18 runs one after another."""
+    line = results.remaining_time(60, 21, 2, 18)
+    assert "about 20 min left for 21 more trial(s) on 2 worker(s), then 18 confirmation" in line
+    assert "about 3 min left for 0 more" in results.remaining_time(60, 0, 1, 3)
+    assert "about 60 s left for 1 more" in results.remaining_time(60, 1, 4, 0)
 
 
 @pytest.mark.slow

@@ -86,9 +86,10 @@ def closing_lines(sweep_dir: Path) -> list[str]:
 
 
 def remaining_time(trial_seconds: float, trials_left: int, workers: int, confirm_runs: int) -> str:
-    """One line: how long the sweep may still take, from one trial's time."""
-    waves = math.ceil(trials_left / workers) if trials_left > 0 else 0
-    seconds = (waves + confirm_runs) * trial_seconds
+    """One line: how long the sweep may still take, from one trial's time: the trials left and
+    the confirmation runs in waves of ``workers`` (the workers share the confirmation seeds)."""
+    runs = max(trials_left, 0) + confirm_runs
+    seconds = math.ceil(runs / workers) * trial_seconds
     then = f", then {confirm_runs} confirmation runs" if confirm_runs else ""
     return (
         f"a trial took {duration(trial_seconds)}: about {duration(seconds)} left for "
