@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from fdfa import checkpoint
 from fdfa.errors import FdfaError
 from fdfa.sweep_job import Pruned, TrialReporter, job_of
+from hydra_plugins.fdfa_optuna_sweeper import _command as command
 from hydra_plugins.fdfa_optuna_sweeper import _liveness as liveness
 from hydra_plugins.fdfa_optuna_sweeper import _results as results
 from hydra_plugins.fdfa_optuna_sweeper import _space as space
@@ -521,6 +522,22 @@ def test_the_time_left_counts_confirmation_runs_in_waves_of_the_workers():
     assert "about 20 min left for 21 more trial(s) on 2 worker(s), then 18 confirmation" in line
     assert "about 3 min left for 0 more" in results.remaining_time(60, 0, 1, 3)
     assert "about 60 s left for 1 more" in results.remaining_time(60, 1, 4, 0)
+
+
+def test_a_launcher_sweep_short_of_its_trials_ends_in_an_error_line(caplog):
+    """With a Hydra launcher the command waits for its worker jobs, then: a study short of
+    n_trials is one error line saying how to resume, whether or not a job failed; failed jobs
+    of finished studies are warnings; a user's error comes first, as it is."""
+    with pytest.raises(FdfaError, match=r"without an error; study 'lr-x' has 3 of 8 trials: run"):
+        command.launch_outcome([], [], [("lr-x", 3)], 8)
+    with pytest.raises(FdfaError, match=r"^1 worker job\(s\) failed \(killed\); study 'lr-x'"):
+        command.launch_outcome(["killed"], [], [("lr-x", 3)], 8)
+    bad = FdfaError("model.width must be an integer >= 1, got 0")
+    with pytest.raises(FdfaError, match="model.width"):
+        command.launch_outcome(["x"], [bad], [("lr-x", 0)], 8)
+    with caplog.at_level("WARNING"):
+        command.launch_outcome(["killed"], [], [], 8)  # finished all the same: no error
+    assert "a worker job failed (the study finished all the same): killed" in caplog.text
 
 
 @pytest.mark.slow

@@ -191,16 +191,7 @@ class SweepCommand:
             done = sum(1 for t in trials if t.state.is_finished() and t.number not in gone)
             if done < options.n_trials:
                 short.append((plan.study_name, done))
-        if user_errors:
-            raise user_errors[0]
-        if errors and short:
-            name, done = short[0]
-            raise FdfaError(
-                f"{len(errors)} worker job(s) failed ({errors[0]}); study {name!r} has "
-                f"{done} of {options.n_trials} trials: run the same command again to resume"
-            )
-        for error in errors:
-            log.warning("a worker job failed (the study finished all the same): %s", error)
+        launch_outcome(errors, user_errors, short, options.n_trials)
 
     def _wait_for_running(self, study: optuna.Study, lock) -> None:
         """Until no trial runs (a killed worker's is failed and queued: this machine's at once,
@@ -217,3 +208,24 @@ class SweepCommand:
             elif time.time() - quiet_since > min(self.options.heartbeat_interval, 2.0):
                 return
             time.sleep(0.5)
+
+
+def launch_outcome(errors: list[str], user_errors: list, short: list, n_trials: int) -> None:
+    """After the worker jobs: a user's error as it is; a study short of ``n_trials`` is an error
+    line that says how to resume (also when no job failed: a worker that ends early without one
+    must not pass for a finished sweep); job failures of a finished study are warnings."""
+    if user_errors:
+        raise user_errors[0]
+    if short:
+        name, done = short[0]
+        why = (
+            f"{len(errors)} worker job(s) failed ({errors[0]})"
+            if errors
+            else "the worker jobs ended without an error"
+        )
+        raise FdfaError(
+            f"{why}; study {name!r} has {done} of {n_trials} trials: run the same command "
+            "again to resume"
+        )
+    for error in errors:
+        log.warning("a worker job failed (the study finished all the same): %s", error)
