@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 from fdfa.errors import FdfaError
 
 from ._confirm import confirmed_value
-from ._liveness import abandoned
+from ._liveness import finished_places
 
 REPORT_DIR = "report"
 
@@ -99,9 +99,7 @@ def rule_arguments(bench: Benchmark, rule: str, arguments: list[str], rule_dir: 
 
 def trials_text(study: optuna.Study) -> str:
     """How many trials a study took: '20 (3 pruned, 1 failed)'."""
-    trials = study.get_trials(deepcopy=False)
-    gone = abandoned(trials)
-    counted = [t for t in trials if t.state.is_finished() and t.number not in gone]
+    counted = finished_places(study.get_trials(deepcopy=False))
     pruned = sum(t.state == TrialState.PRUNED for t in counted)
     failed = sum(t.state == TrialState.FAIL for t in counted)
     extra = [f"{pruned} pruned"] * bool(pruned) + [f"{failed} failed"] * bool(failed)

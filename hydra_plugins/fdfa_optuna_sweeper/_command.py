@@ -25,7 +25,7 @@ from fdfa.gpus import assign_gpu
 from ._benchmark import flat_params, read_benchmark, rule_arguments, write_report
 from ._jobs import JobRunner, job_result, link_overrides
 from ._launch import WorkerTask, fixed_arguments, resolve_n_jobs, start_processes, worker_jobs
-from ._liveness import Preempted, abandoned, fail_abandoned, machine_id
+from ._liveness import Preempted, fail_abandoned, finished_places, machine_id
 from ._loop import Worker
 from ._plan import Options, Plan
 from ._results import closing_lines, write_results
@@ -186,9 +186,7 @@ class SweepCommand:
             study, _, lock = self._open(plan)
             self._wait_for_running(study, lock)
             write_results(study, plan, options, self.config)
-            trials = study.get_trials(deepcopy=False)
-            gone = abandoned(trials)  # failed and queued again: their redos take their places
-            done = sum(1 for t in trials if t.state.is_finished() and t.number not in gone)
+            done = len(finished_places(study.get_trials(deepcopy=False)))
             if done < options.n_trials:
                 short.append((plan.study_name, done))
         launch_outcome(errors, user_errors, short, options.n_trials)

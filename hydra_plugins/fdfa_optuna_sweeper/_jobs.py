@@ -10,7 +10,7 @@ from typing import Any
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.utils import JobReturn, JobStatus
 
-from ._space import quote
+from fdfa.rundir import quote
 
 
 def link_overrides(

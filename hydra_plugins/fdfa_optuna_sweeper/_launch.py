@@ -13,11 +13,11 @@ from hydra.core.hydra_config import HydraConfig
 
 from fdfa.errors import FdfaError
 from fdfa.gpus import GPUS_ENV, assign_gpu, launcher_is_local, machine_gpus
+from fdfa.rundir import quote
 
 from ._jobs import JobRunner
 from ._loop import Worker
 from ._plan import Options, Plan
-from ._space import quote
 
 log = logging.getLogger(__name__)
 

@@ -99,6 +99,13 @@ def abandoned(trials) -> set[int]:
     return {t.user_attrs["redo_of"] for t in trials if "redo_of" in t.user_attrs}
 
 
+def finished_places(trials) -> list:
+    """The finished trials that count towards n_trials: all but the abandoned ones (handed back:
+    their redos count instead)."""
+    gone = abandoned(trials)
+    return [t for t in trials if t.state.is_finished() and t.number not in gone]
+
+
 def places_taken(trials) -> int:
     """How many of n_trials the study's trials take: all but the abandoned ones (their redos
     take their places)."""

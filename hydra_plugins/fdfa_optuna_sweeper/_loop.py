@@ -51,6 +51,7 @@ from ._liveness import (
     abandoned,
     claim,
     fail_abandoned,
+    finished_places,
     hand_back,
     machine_id,
     places_taken,
@@ -351,8 +352,7 @@ class Worker:
         """One line per finished trial: its study's label, the trial, the best so far, what is
         left."""
         trials = study.get_trials(deepcopy=False)
-        gone = abandoned(trials)
-        done = sum(1 for t in trials if t.state.is_finished() and t.number not in gone)
+        done = len(finished_places(trials))
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = ""
         if complete:

@@ -13,7 +13,7 @@ import time
 from fdfa.progress import overall_bar
 
 from ._confirm import confirmed_value
-from ._liveness import abandoned
+from ._liveness import finished_places
 
 
 class OverallProgress:
@@ -39,9 +39,7 @@ class OverallProgress:
         and confirmation runs with a result."""
         done = total = 0
         for plan, study, _ in self.studies:
-            trials = study.get_trials(deepcopy=False)
-            gone = abandoned(trials)
-            finished = sum(t.state.is_finished() and t.number not in gone for t in trials)
+            finished = len(finished_places(study.get_trials(deepcopy=False)))
             runs = [
                 plan.sweep_dir / "confirm" / f"seed{s}"
                 for s in plan.confirm_seeds(self.confirm_seeds)
