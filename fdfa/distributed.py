@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from fdfa.errors import FdfaError, one_line
+from fdfa.interrupt import SignalHandler
 from fdfa.runfiles import RunFiles
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def average_(tensors) -> None:
         t.copy_(part.view_as(t))
 
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = SignalHandler.SIGNALS  # SIGINT, SIGTERM: the signals a run stops on
 
 
 def agree(loss: torch.Tensor, signum: int | None) -> tuple[torch.Tensor, int | None]:
