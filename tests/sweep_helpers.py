@@ -102,13 +102,25 @@ def finish(proc, timeout: float) -> str:
         return proc.communicate()[0] + f"\n[killed after {timeout} s]"
 
 
-def wait_for(path: Path, proc, seconds: float = 180) -> None:
+def wait_until(condition, proc, seconds: float, what: str):
+    """Poll ``condition()`` until it returns something true; fail (killing ``proc``) after
+    ``seconds`` or when ``proc`` has exited."""
     deadline = time.time() + seconds
-    while not path.exists() and proc.poll() is None and time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            found = condition()
+        except Exception:  # the study or the file does not exist yet
+            found = None
+        if found:
+            return found
         time.sleep(0.1)
-    if not path.exists():
-        proc.kill()
-        pytest.fail(f"{path.name} never appeared: {proc.communicate()[0]}")
+    proc.kill()
+    pytest.fail(f"{what} never happened: {finish(proc, 10)[-3000:]}")
+
+
+def wait_for(path: Path, proc, seconds: float = 180) -> None:
+    """Until ``path`` exists (see wait_until)."""
+    wait_until(path.exists, proc, seconds, f"{path.name} appearing")
 
 
 def held_trials(tmp_path: Path) -> tuple[Path, Path, list[str]]:

@@ -28,6 +28,7 @@ from tests.sweep_helpers import (
     meeting_of,
     started,
     sweep_cli,
+    wait_until,
 )
 
 TINY_RUN = synthetic_overrides("model.width=32", "algorithm=bp", "trainer.epochs=1")
@@ -55,22 +56,6 @@ class PacedData(HeldData):
 
 
 PACED = "dataset._target_=tests.test_robustness_processes.PacedData"
-
-
-def wait_until(condition, proc, seconds: float, what: str):
-    """Poll ``condition()`` until it returns something true; fail (killing ``proc``) after
-    ``seconds`` or when ``proc`` has exited."""
-    deadline = time.time() + seconds
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            found = condition()
-        except Exception:  # the study or the file does not exist yet
-            found = None
-        if found:
-            return found
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"{what} never happened: {finish(proc, 10)[-3000:]}")
 
 
 def worker_pids(sweep_dir: Path) -> set[int]:
